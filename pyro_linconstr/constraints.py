@@ -1,0 +1,96 @@
+"""The support of a constrained distribution: an affine subspace ``{x : A x = b}``.
+
+``biject_to(affine_subspace(A, b))`` and ``transform_to(...)`` give
+:class:`~pyro_linconstr.transforms.AffineSubspaceTransform`, so AutoGuides,
+``pyro.param(..., constraint=...)`` and HMC/NUTS work on constrained latents.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.distributions import constraints as _constraints
+from torch.distributions.constraint_registry import biject_to, transform_to
+
+from pyro_linconstr.ops.operators import LinearOperator, as_operator
+
+__all__ = ["affine_subspace", "residual_tolerance"]
+
+def sample_c(n: int) -> float:
+    """Exactness constant: samples satisfy ``|A x - b| <= c eps (|A||x| + |b|)``, ``c = 8 sqrt(n)``."""
+    return 8.0 * math.sqrt(n)
+
+
+def residual_tolerance(
+    A: LinearOperator, x: torch.Tensor, b: torch.Tensor, eps: float | None = None, factor: float = 4.0
+) -> torch.Tensor:
+    """Row-wise tolerance ``factor * c * eps * (|A||x| + |b|)`` for ``|A x - b|``.
+
+    ``c = 8 sqrt(n)`` is the documented exactness constant of samples; the
+    default ``factor = 4`` leaves room for values that went through a
+    round trip (a transform, a guide) in the same dtype.
+    """
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    return factor * sample_c(A.num_cols) * eps * (A.abs_matvec(x) + b.abs())
+
+
+class _AffineSubspace(_constraints.Constraint):
+    """Constrain to ``{x : A x = b}`` (``x`` flattened over ``event_shape``).
+
+    :param A: tensor ``(..., m, n)`` or operator.
+    :param torch.Tensor b: ``(..., m)``.
+    :param event_shape: the event shape of ``x`` (default ``(n,)``).
+    """
+
+    is_discrete = False
+
+    def __init__(self, A, b: torch.Tensor, event_shape=None) -> None:
+        self.A = as_operator(A)
+        self.b = b
+        n = self.A.num_cols
+        self.event_shape = torch.Size((n,) if event_shape is None else event_shape)
+        if math.prod(self.event_shape) != n:
+            raise ValueError(
+                f"affine_subspace: event_shape {tuple(self.event_shape)} has "
+                f"{math.prod(self.event_shape)} entries but A has n = {n} columns."
+            )
+        super().__init__()
+
+    @property
+    def event_dim(self) -> int:
+        return len(self.event_shape)
+
+    def _flat(self, value: torch.Tensor) -> torch.Tensor:
+        k = self.event_dim
+        return value.reshape(value.shape[: value.dim() - k] + (self.A.num_cols,))
+
+    def residual(self, value: torch.Tensor) -> torch.Tensor:
+        """``A x - b``, evaluated in float64."""
+        x = self._flat(value).to(torch.float64)
+        return self.A.to(torch.float64).matvec(x) - self.b.to(torch.float64)
+
+    def check(self, value: torch.Tensor) -> torch.Tensor:
+        x = self._flat(value)
+        if not x.is_floating_point():
+            x = x.to(torch.get_default_dtype())
+        resid = self.residual(value).abs()
+        A64 = self.A.to(torch.float64)
+        eps = torch.finfo(x.dtype).eps
+        tol = residual_tolerance(A64, x.to(torch.float64), self.b.to(torch.float64), eps)
+        return (resid <= tol).all(-1) & torch.isfinite(x).all(-1)
+
+    def __repr__(self) -> str:
+        return f"affine_subspace(A: {self.A.num_rows}x{self.A.num_cols}, event_shape={tuple(self.event_shape)})"
+
+
+affine_subspace = _AffineSubspace
+
+
+@biject_to.register(_AffineSubspace)
+@transform_to.register(_AffineSubspace)
+def _transform_to_affine_subspace(constraint: _AffineSubspace):
+    from pyro_linconstr.transforms import AffineSubspaceTransform
+
+    return AffineSubspaceTransform(constraint.A, constraint.b, event_shape=constraint.event_shape)

@@ -1,0 +1,255 @@
+"""Gaussian distributions conditioned on ``A x = b``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pyro.distributions import TorchDistribution
+from torch.distributions import (
+    Independent,
+    LowRankMultivariateNormal,
+    MultivariateNormal,
+    Normal,
+)
+from torch.distributions.utils import lazy_property
+
+from pyro_linconstr.constraints import affine_subspace
+from pyro_linconstr.distributions.registry import register_constrain
+from pyro_linconstr.ops.factor import Conditioning, check_rhs
+from pyro_linconstr.ops.operators import LinearOperator
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+class ConstrainedGaussian(TorchDistribution):
+    r"""A Gaussian ``N(loc, Sigma)`` conditioned on the linear law ``A x = b``.
+
+    With ``K = Sigma A^T`` and ``S = A Sigma A^T``:
+
+    * mean ``loc + K S^{-1} (b - A loc)``, covariance ``Sigma - K S^{-1} K^T``
+      (rank ``n - m``); :attr:`mean` and :attr:`variance` are its marginals;
+    * exact sample (Matheron's rule): ``y ~ N(loc, Sigma)``,
+      ``x = y + K S^{-1} (b - A y)``, followed by one step of iterative
+      refinement with the residual computed in float64;
+    * density on the subspace w.r.t. its ``(n - m)``-dimensional surface
+      measure: ``log N(x; loc, Sigma) - log N(b; A loc, S) - 1/2 log det(A A^T)``.
+
+    ``Sigma`` is diagonal (``Normal(...).to_event(k)``), low-rank plus diagonal
+    (``LowRankMultivariateNormal``) or full (``MultivariateNormal``); the first
+    two never form an ``n x n`` matrix, and a :class:`~pyro_linconstr.GroupSum`
+    with a diagonal ``Sigma`` costs ``O(n)``. Redundant rows of a consistent
+    ``A`` are dropped (the distribution does not change).
+
+    **Exactness.** Every sample satisfies, row by row,
+    ``|A x - b| <= c * eps * (|A| |x| + |b|)`` with ``eps`` the machine epsilon
+    of the dtype and ``c = 8 * sqrt(n)``; the tests check this for float32
+    and float64, condition numbers of ``A`` up to ``1e5`` and variances
+    spanning ``1e-6`` to ``1e6``.
+
+    Construct it with :func:`~pyro_linconstr.constrain`.
+
+    :param base: the unconstrained Gaussian.
+    :param A: a :class:`~pyro_linconstr.ops.LinearOperator`.
+    :param torch.Tensor b: right-hand side ``(..., m)``.
+
+    Example::
+
+        >>> import torch, pyro.distributions as dist, pyro_linconstr as plc
+        >>> base = dist.MultivariateNormal(torch.zeros(3), torch.eye(3))
+        >>> d = plc.constrain(base, torch.tensor([[1.0, 1.0, 1.0]]), torch.tensor([3.0]))
+        >>> d.mean
+        tensor([1., 1., 1.])
+        >>> d.sample((2,)).shape
+        torch.Size([2, 3])
+    """
+
+    arg_constraints = {}
+    has_rsample = True
+
+    def __init__(self, base, A: LinearOperator, b: torch.Tensor, validate_args=None) -> None:
+        kind, loc, params, base_batch, event_shape = _parse_base(base)
+        n = loc.shape[-1]
+        if A.num_cols != n:
+            raise ValueError(
+                f"constrain: A has {A.num_cols} columns but the base's event "
+                f"{tuple(event_shape)} has n = {n} entries; A must have shape (..., m, {n})."
+            )
+        check_rhs(A, b)
+        try:
+            batch_shape = torch.broadcast_shapes(base_batch, A.batch_shape, b.shape[:-1])
+        except RuntimeError:
+            raise ValueError(
+                f"constrain: batch shapes do not broadcast: base {tuple(base_batch)}, "
+                f"A {tuple(A.batch_shape)}, b {tuple(b.shape[:-1])}."
+            ) from None
+        if validate_args is not False and torch.distributions.Distribution._validate_args:
+            _check_params(kind, loc, params)
+        self._kind = kind
+        self._n = n
+        self._loc = loc.expand(batch_shape + (n,))
+        self._params = _expand_params(kind, params, batch_shape, n)
+        self._A = A
+        self._b = b.expand(batch_shape + b.shape[-1:])
+        self._base_event_shape = event_shape
+        super().__init__(batch_shape, event_shape, validate_args=validate_args)
+        # Factorize eagerly so that inconsistent or degenerate constraints fail here.
+        self._cond = Conditioning(self._kind, self._params, A, self._b, n)
+
+    # ------------------------------------------------------------------ shapes
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(ConstrainedGaussian, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new._kind = self._kind
+        new._n = self._n
+        new._loc = self._loc.expand(batch_shape + (self._n,))
+        new._params = _expand_params(self._kind, self._params, batch_shape, self._n)
+        new._A = self._A
+        new._b = self._b.expand(batch_shape + self._b.shape[-1:])
+        new._base_event_shape = self._base_event_shape
+        new._cond = self._cond.expand(batch_shape)
+        super(ConstrainedGaussian, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def _flat(self, x: torch.Tensor) -> torch.Tensor:
+        k = len(self.event_shape)
+        return x.reshape(x.shape[: x.dim() - k] + (self._n,))
+
+    def _unflat(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[:-1] + self.event_shape)
+
+    # ------------------------------------------------------------- properties
+    @property
+    def A(self) -> LinearOperator:
+        """The constraint operator, as given."""
+        return self._A
+
+    @property
+    def b(self) -> torch.Tensor:
+        """The right-hand side, expanded to ``batch_shape + (m,)``."""
+        return self._b
+
+    @property
+    def support(self):
+        return affine_subspace(self._A, self._b, self.event_shape)
+
+    @lazy_property
+    def mean(self) -> torch.Tensor:
+        return self._unflat(self._cond.mean(self._loc))
+
+    @lazy_property
+    def variance(self) -> torch.Tensor:
+        return self._unflat(self._cond.variance())
+
+    @property
+    def stddev(self) -> torch.Tensor:
+        return self.variance.sqrt()
+
+    # ---------------------------------------------------------------- sampling
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        shape = self._extended_shape(sample_shape)[: len(sample_shape) + len(self.batch_shape)]
+        y = self._loc + self._cond.base_noise(shape)
+        return self._unflat(self._cond.condition(y))
+
+    # ----------------------------------------------------------------- density
+    def _base_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        p = self._params
+        if self._kind == "diag":
+            var = p["var"]
+            return -0.5 * (((x - self._loc) ** 2 / var) + var.log() + _LOG_2PI).sum(-1)
+        if self._kind == "lowrank":
+            d = LowRankMultivariateNormal(self._loc, p["factor"], p["diag"], validate_args=False)
+            return d.log_prob(x)
+        return MultivariateNormal(self._loc, scale_tril=p["tril"], validate_args=False).log_prob(x)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        x = self._flat(value)
+        return self._base_log_prob(x) - self._cond.log_normalizer(self._loc)
+
+    def entropy(self) -> torch.Tensor:
+        p = self._params
+        if self._kind == "diag":
+            half_logdet_sigma = 0.5 * p["var"].log().sum(-1)
+        elif self._kind == "lowrank":
+            d = LowRankMultivariateNormal(self._loc, p["factor"], p["diag"], validate_args=False)
+            half_logdet_sigma = d.entropy() - 0.5 * self._n * (1 + _LOG_2PI)
+        else:
+            half_logdet_sigma = p["tril"].diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        dim = self._n - self._cond.rank
+        return (
+            0.5 * dim * (1 + _LOG_2PI)
+            + half_logdet_sigma
+            - 0.5 * self._cond.gram_logdet()
+            + 0.5 * self._cond.constraint_logdet()
+        ).expand(self.batch_shape)
+
+
+
+# ---------------------------------------------------------------------------
+def _parse_base(base):
+    """Return ``(kind, loc, params, batch_shape, event_shape)`` of a Gaussian base."""
+    if isinstance(base, Independent):
+        inner, k = base, 0
+        while isinstance(inner, Independent):
+            k += inner.reinterpreted_batch_ndims
+            inner = inner.base_dist
+        if not isinstance(inner, Normal):
+            raise NotImplementedError(type(inner).__name__)
+        full = inner.batch_shape
+        event_shape, batch_shape = full[len(full) - k :], full[: len(full) - k]
+        n = math.prod(event_shape)
+        loc = inner.loc.expand(full).reshape(batch_shape + (n,))
+        var = inner.scale.expand(full).reshape(batch_shape + (n,)) ** 2
+        return "diag", loc, {"var": var}, batch_shape, event_shape
+    if isinstance(base, LowRankMultivariateNormal):
+        params = {"factor": base.cov_factor, "diag": base.cov_diag}
+        return "lowrank", base.loc, params, base.batch_shape, base.event_shape
+    if isinstance(base, MultivariateNormal):
+        params = {"tril": base._unbroadcasted_scale_tril}
+        return "full", base.loc, params, base.batch_shape, base.event_shape
+    raise NotImplementedError(type(base).__name__)
+
+
+def _check_params(kind: str, loc: torch.Tensor, params: dict) -> None:
+    if not bool(torch.isfinite(loc).all()):
+        raise ValueError("constrain: the base's loc has non-finite entries (nan or inf).")
+    if kind == "diag":
+        positive, what = params["var"], "scale"
+    elif kind == "lowrank":
+        positive, what = params["diag"], "cov_diag"
+        if not bool(torch.isfinite(params["factor"]).all()):
+            raise ValueError("constrain: the base's cov_factor has non-finite entries.")
+    else:
+        positive, what = params["tril"].diagonal(dim1=-2, dim2=-1), "scale_tril diagonal"
+    if not bool(torch.isfinite(positive).all()) or not bool((positive > 0).all()):
+        raise ValueError(
+            f"constrain: the base's {what} must be finite and > 0 (non-positive or "
+            "non-finite variances); add a floor, e.g. softplus(raw) + 1e-6."
+        )
+
+
+def _expand_params(kind: str, params: dict, batch_shape: torch.Size, n: int) -> dict:
+    if kind == "diag":
+        return {"var": params["var"].expand(batch_shape + (n,))}
+    if kind == "lowrank":
+        r = params["factor"].shape[-1]
+        return {
+            "factor": params["factor"].expand(batch_shape + (n, r)),
+            "diag": params["diag"].expand(batch_shape + (n,)),
+        }
+    return {"tril": params["tril"].expand(batch_shape + (n, n))}
+
+
+@register_constrain(Normal)
+@register_constrain(MultivariateNormal)
+@register_constrain(LowRankMultivariateNormal)
+def _constrain_gaussian(base, A, b):
+    if isinstance(base, Normal):
+        raise ValueError(
+            "constrain: a Normal base needs an event dimension; use "
+            "Normal(loc, scale).to_event(1) (or .to_event(k) for a k-dim event)."
+        )
+    return ConstrainedGaussian(base, A, b)

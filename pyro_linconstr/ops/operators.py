@@ -1,0 +1,260 @@
+"""Linear operators ``A`` for constraints ``A x = b``.
+
+A constraint matrix is either a dense tensor ``(..., m, n)`` (wrapped in the
+private :class:`DenseOperator`) or a structured operator such as
+:class:`GroupSum`. Every operator offers the same small set of products, so the
+constrained families never need to know which one they hold, and a structured
+operator never materialises its ``m x n`` matrix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class LinearOperator:
+    """Interface of a (possibly batched) ``m x n`` constraint matrix.
+
+    Subclasses implement :meth:`matmul`, :meth:`rmatmul`,
+    :meth:`weighted_gram`, :meth:`gram_logdet` and :meth:`to_dense`.
+    """
+
+    num_rows: int
+    num_cols: int
+    #: True when ``A diag(s) A^T`` is diagonal for every ``s``.
+    diagonal_gram: bool = False
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        return torch.Size()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        raise NotImplementedError
+
+    def matvec(self, x: torch.Tensor) -> torch.Tensor:
+        """``A x`` for ``x`` of shape ``(..., n)``; returns ``(..., m)``."""
+        return self.matmul(x.unsqueeze(-1)).squeeze(-1)
+
+    def rmatvec(self, y: torch.Tensor) -> torch.Tensor:
+        """``A^T y`` for ``y`` of shape ``(..., m)``; returns ``(..., n)``."""
+        return self.rmatmul(y.unsqueeze(-1)).squeeze(-1)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``A X`` for ``X`` of shape ``(..., n, k)``; returns ``(..., m, k)``."""
+        raise NotImplementedError
+
+    def rmatmul(self, y: torch.Tensor) -> torch.Tensor:
+        """``A^T Y`` for ``Y`` of shape ``(..., m, k)``; returns ``(..., n, k)``."""
+        raise NotImplementedError
+
+    def abs_matvec(self, x: torch.Tensor) -> torch.Tensor:
+        """``|A| |x|``, the scale of rounding errors in ``A x``."""
+        raise NotImplementedError
+
+    def weighted_gram(self, s: torch.Tensor) -> torch.Tensor:
+        """``A diag(s) A^T`` for ``s`` of shape ``(..., n)``.
+
+        Returns ``(..., m)`` (its diagonal) when :attr:`diagonal_gram`,
+        else ``(..., m, m)``.
+        """
+        raise NotImplementedError
+
+    def gram_logdet(self) -> torch.Tensor:
+        """``log det(A A^T)``, shape :attr:`batch_shape`."""
+        raise NotImplementedError
+
+    def to_dense(self) -> torch.Tensor:
+        """The matrix ``A`` as a dense tensor ``(..., m, n)``."""
+        raise NotImplementedError
+
+    def to(self, dtype: torch.dtype) -> LinearOperator:
+        raise NotImplementedError
+
+
+class DenseOperator(LinearOperator):
+    """A dense, possibly batched, matrix ``A`` of shape ``(..., m, n)``."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        if matrix.dim() < 2:
+            raise ValueError(
+                f"A must have shape (..., m, n) with at least 2 dims, got shape "
+                f"{tuple(matrix.shape)}; for a single constraint use A.unsqueeze(0)."
+            )
+        if not matrix.is_floating_point():
+            raise ValueError(
+                f"A must be a floating-point tensor, got dtype {matrix.dtype}; "
+                "convert it with A.to(torch.get_default_dtype())."
+            )
+        self.matrix = matrix
+        self.num_rows, self.num_cols = matrix.shape[-2:]
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        return self.matrix.shape[:-2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.matrix.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.matrix.device
+
+    def matvec(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.matrix @ x.unsqueeze(-1)).squeeze(-1)
+
+    def rmatvec(self, y: torch.Tensor) -> torch.Tensor:
+        return (y.unsqueeze(-2) @ self.matrix).squeeze(-2)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matrix @ x
+
+    def rmatmul(self, y: torch.Tensor) -> torch.Tensor:
+        return self.matrix.transpose(-1, -2) @ y
+
+    def abs_matvec(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.matrix.abs() @ x.abs().unsqueeze(-1)).squeeze(-1)
+
+    def weighted_gram(self, s: torch.Tensor) -> torch.Tensor:
+        scaled = self.matrix * s.unsqueeze(-2)
+        return scaled @ self.matrix.transpose(-1, -2)
+
+    def gram_logdet(self) -> torch.Tensor:
+        gram = self.matrix @ self.matrix.transpose(-1, -2)
+        chol, info = torch.linalg.cholesky_ex(gram)
+        if bool((info != 0).any()):
+            chol = torch.linalg.cholesky(gram.double()).to(gram.dtype)
+        return 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+
+    def to_dense(self) -> torch.Tensor:
+        return self.matrix
+
+    def to(self, dtype: torch.dtype) -> DenseOperator:
+        return DenseOperator(self.matrix.to(dtype))
+
+
+class GroupSum(LinearOperator):
+    """Sum of the entries of each group: row ``g`` of ``A`` is the indicator
+    of ``groups == g``.
+
+    This is the constraint of a batch of graphs whose per-graph totals are
+    known (partial charges of a crystal sum to its net charge), of per-block
+    sums of an image, or of a single sum (``groups = zeros(n)``). Products cost
+    ``O(n)`` and ``A diag(s) A^T`` is diagonal, so conditioning a diagonal
+    Gaussian on a :class:`GroupSum` never forms an ``m x n`` matrix.
+
+    :param torch.Tensor groups: integer tensor of shape ``(n,)``, the group
+        index ``0 <= groups[i] < num_groups`` of entry ``i``.
+    :param int num_groups: the number of groups ``m``.
+
+    Example::
+
+        >>> import torch, pyro_linconstr as plc
+        >>> A = plc.GroupSum(torch.tensor([0, 0, 1, 1, 1]), num_groups=2)
+        >>> A.to_dense()
+        tensor([[1., 1., 0., 0., 0.],
+                [0., 0., 1., 1., 1.]])
+    """
+
+    diagonal_gram = True
+
+    def __init__(self, groups: torch.Tensor, num_groups: int) -> None:
+        groups = torch.as_tensor(groups)
+        if groups.dim() != 1:
+            raise ValueError(
+                f"GroupSum: groups must be a 1-d tensor of shape (n,), got shape "
+                f"{tuple(groups.shape)}; flatten it with groups.reshape(-1)."
+            )
+        if groups.dtype.is_floating_point or groups.dtype.is_complex or groups.dtype == torch.bool:
+            raise ValueError(
+                f"GroupSum: groups must be an integer tensor, got dtype {groups.dtype}; "
+                "convert it with groups.long()."
+            )
+        num_groups = int(num_groups)
+        if num_groups < 1:
+            raise ValueError(f"GroupSum: num_groups must be >= 1, got {num_groups}.")
+        if groups.numel() == 0:
+            raise ValueError("GroupSum: groups is empty (n = 0).")
+        lo, hi = int(groups.min()), int(groups.max())
+        if lo < 0 or hi >= num_groups:
+            raise ValueError(
+                f"GroupSum: group ids must lie in [0, num_groups) = [0, {num_groups}), "
+                f"got ids in [{lo}, {hi}]; pass num_groups={hi + 1} or fix the ids."
+            )
+        self.groups = groups.long()
+        self.num_rows = num_groups
+        self.num_cols = groups.numel()
+        self._dtype = torch.get_default_dtype()
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_rows
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.groups.device
+
+    def __repr__(self) -> str:
+        return f"GroupSum(n={self.num_cols}, num_groups={self.num_rows})"
+
+    def group_sizes(self) -> torch.Tensor:
+        """Number of entries in each group, shape ``(m,)``."""
+        return torch.bincount(self.groups, minlength=self.num_rows)
+
+    def matvec(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(x.shape[:-1] + (self.num_rows,))
+        return out.index_add(-1, self.groups, x)
+
+    def rmatvec(self, y: torch.Tensor) -> torch.Tensor:
+        return y.index_select(-1, self.groups)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(x.shape[:-2] + (self.num_rows, x.shape[-1]))
+        return out.index_add(-2, self.groups, x)
+
+    def rmatmul(self, y: torch.Tensor) -> torch.Tensor:
+        return y.index_select(-2, self.groups)
+
+    def abs_matvec(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matvec(x.abs())
+
+    def weighted_gram(self, s: torch.Tensor) -> torch.Tensor:
+        return self.matvec(s)
+
+    def gram_logdet(self) -> torch.Tensor:
+        sizes = self.group_sizes()
+        return sizes[sizes > 0].to(torch.get_default_dtype()).log().sum()
+
+    def to_dense(self) -> torch.Tensor:
+        dense = torch.zeros(self.num_rows, self.num_cols, device=self.device)
+        dense[self.groups, torch.arange(self.num_cols, device=self.device)] = 1.0
+        return dense
+
+    def to(self, dtype: torch.dtype) -> GroupSum:
+        return self
+
+
+def as_operator(A) -> LinearOperator:
+    """Wrap a dense tensor as a :class:`DenseOperator`; pass operators through."""
+    if isinstance(A, LinearOperator):
+        return A
+    if isinstance(A, torch.Tensor):
+        return DenseOperator(A)
+    raise TypeError(
+        f"A must be a torch.Tensor of shape (..., m, n) or a pyro_linconstr operator "
+        f"such as plc.GroupSum, got {type(A).__name__}."
+    )
+
+
+_LOG_2PI = math.log(2 * math.pi)
