@@ -17,13 +17,18 @@ from pyro_linconstr.ops.operators import LinearOperator, as_operator
 
 __all__ = ["affine_subspace", "residual_tolerance"]
 
+
 def sample_c(n: int) -> float:
     """Exactness constant: samples satisfy ``|A x - b| <= c eps (|A||x| + |b|)``, ``c = 8 sqrt(n)``."""
     return 8.0 * math.sqrt(n)
 
 
 def residual_tolerance(
-    A: LinearOperator, x: torch.Tensor, b: torch.Tensor, eps: float | None = None, factor: float = 4.0
+    A: LinearOperator,
+    x: torch.Tensor,
+    b: torch.Tensor,
+    eps: float | None = None,
+    factor: float = 4.0,
 ) -> torch.Tensor:
     """Row-wise tolerance ``factor * c * eps * (|A||x| + |b|)`` for ``|A x - b|``.
 

@@ -48,7 +48,9 @@ class AffineSubspaceTransform(Transform):
         self.b = b
         n = self.A.num_cols
         self.event_shape = torch.Size((n,) if event_shape is None else event_shape)
-        dense = self.A.to_dense().to(b.dtype if b.is_floating_point() else torch.get_default_dtype())
+        dense = self.A.to_dense().to(
+            b.dtype if b.is_floating_point() else torch.get_default_dtype()
+        )
         self._x0, self._basis = _null_space(dense, b.to(dense.dtype))
         self.dim = self._basis.shape[-1]
 

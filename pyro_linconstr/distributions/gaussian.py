@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-from pyro.distributions import TorchDistribution
 from torch.distributions import (
     Independent,
     LowRankMultivariateNormal,
@@ -15,6 +14,7 @@ from torch.distributions import (
 from torch.distributions.utils import lazy_property
 
 from pyro_linconstr.constraints import affine_subspace
+from pyro_linconstr.distributions.base import ConstrainedDistribution
 from pyro_linconstr.distributions.registry import register_constrain
 from pyro_linconstr.ops.factor import Conditioning, check_rhs
 from pyro_linconstr.ops.operators import LinearOperator
@@ -22,7 +22,7 @@ from pyro_linconstr.ops.operators import LinearOperator
 _LOG_2PI = math.log(2 * math.pi)
 
 
-class ConstrainedGaussian(TorchDistribution):
+class ConstrainedGaussian(ConstrainedDistribution):
     r"""A Gaussian ``N(loc, Sigma)`` conditioned on the linear law ``A x = b``.
 
     With ``K = Sigma A^T`` and ``S = A Sigma A^T``:
@@ -121,16 +121,6 @@ class ConstrainedGaussian(TorchDistribution):
 
     # ------------------------------------------------------------- properties
     @property
-    def A(self) -> LinearOperator:
-        """The constraint operator, as given."""
-        return self._A
-
-    @property
-    def b(self) -> torch.Tensor:
-        """The right-hand side, expanded to ``batch_shape + (m,)``."""
-        return self._b
-
-    @property
     def support(self):
         return affine_subspace(self._A, self._b, self.event_shape)
 
@@ -185,7 +175,6 @@ class ConstrainedGaussian(TorchDistribution):
             - 0.5 * self._cond.gram_logdet()
             + 0.5 * self._cond.constraint_logdet()
         ).expand(self.batch_shape)
-
 
 
 # ---------------------------------------------------------------------------

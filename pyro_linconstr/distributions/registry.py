@@ -8,7 +8,7 @@ the class of the innermost distribution.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.distributions import Distribution, Independent
@@ -37,9 +37,7 @@ def register_constrain(base_type: type) -> Callable[[Callable], Callable]:
         ...     return plc.constrain(dist.Normal(base.loc, base.scale), A, b)
     """
     if not isinstance(base_type, type) or not issubclass(base_type, Distribution):
-        raise TypeError(
-            f"register_constrain expects a Distribution subclass, got {base_type!r}."
-        )
+        raise TypeError(f"register_constrain expects a Distribution subclass, got {base_type!r}.")
 
     def decorator(fn: Callable) -> Callable:
         _REGISTRY[base_type] = fn
@@ -117,5 +115,7 @@ def constrain(
             "Add one with @plc.register_constrain(BaseType)."
         )
     if not isinstance(b, torch.Tensor):
-        raise TypeError(f"constrain: b must be a torch.Tensor of shape (..., m), got {type(b).__name__}.")
+        raise TypeError(
+            f"constrain: b must be a torch.Tensor of shape (..., m), got {type(b).__name__}."
+        )
     return fn(base, as_operator(A), b)

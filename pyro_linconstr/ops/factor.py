@@ -177,7 +177,7 @@ class Conditioning:
         if self.kind == "diag":
             return p["var"] * Atu
         if self.kind == "lowrank":
-            Ptu = (self._P.transpose(-1, -2) @ u.unsqueeze(-1))
+            Ptu = self._P.transpose(-1, -2) @ u.unsqueeze(-1)
             return (p["factor"] @ Ptu).squeeze(-1) + p["diag"] * Atu
         Qtu = self._Q.transpose(-1, -2) @ u.unsqueeze(-1)
         return (p["tril"] @ Qtu).squeeze(-1)
