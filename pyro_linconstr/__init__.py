@@ -1,4 +1,4 @@
-"""pyro_linconstr: Pyro distributions conditioned on hard linear equality constraints ``A x = b``."""
+"""pyro_linconstr: Pyro distributions conditioned on hard linear laws ``A x = b``."""
 
 from pyro_linconstr import constraints, transforms
 from pyro_linconstr.distributions import constrain, register_constrain

@@ -19,7 +19,10 @@ __all__ = ["affine_subspace", "residual_tolerance"]
 
 
 def sample_c(n: int) -> float:
-    """Exactness constant: samples satisfy ``|A x - b| <= c eps (|A||x| + |b|)``, ``c = 8 sqrt(n)``."""
+    """Exactness constant ``c = 8 sqrt(n)``.
+
+    Samples satisfy ``|A x - b| <= c eps (|A||x| + |b|)`` row by row.
+    """
     return 8.0 * math.sqrt(n)
 
 
@@ -87,7 +90,8 @@ class _AffineSubspace(_constraints.Constraint):
         return (resid <= tol).all(-1) & torch.isfinite(x).all(-1)
 
     def __repr__(self) -> str:
-        return f"affine_subspace(A: {self.A.num_rows}x{self.A.num_cols}, event_shape={tuple(self.event_shape)})"
+        m, n = self.A.num_rows, self.A.num_cols
+        return f"affine_subspace(A: {m}x{n}, event_shape={tuple(self.event_shape)})"
 
 
 affine_subspace = _AffineSubspace
