@@ -88,7 +88,7 @@ class ConstrainedGaussian(ConstrainedDistribution):
         self._kind = kind
         self._n = n
         self._loc = loc.expand(batch_shape + (n,))
-        self._params = _expand_params(kind, params, batch_shape, n)
+        self._params = params  # unexpanded: a shared covariance is factored once
         self._A = A
         self._b = b.expand(batch_shape + b.shape[-1:])
         self._base_event_shape = event_shape
@@ -103,7 +103,7 @@ class ConstrainedGaussian(ConstrainedDistribution):
         new._kind = self._kind
         new._n = self._n
         new._loc = self._loc.expand(batch_shape + (self._n,))
-        new._params = _expand_params(self._kind, self._params, batch_shape, self._n)
+        new._params = self._params
         new._A = self._A
         new._b = self._b.expand(batch_shape + self._b.shape[-1:])
         new._base_event_shape = self._base_event_shape
@@ -130,7 +130,7 @@ class ConstrainedGaussian(ConstrainedDistribution):
 
     @lazy_property
     def variance(self) -> torch.Tensor:
-        return self._unflat(self._cond.variance())
+        return self._unflat(self._cond.variance().expand(self.batch_shape + (self._n,)))
 
     @property
     def stddev(self) -> torch.Tensor:
@@ -218,18 +218,6 @@ def _check_params(kind: str, loc: torch.Tensor, params: dict) -> None:
             f"constrain: the base's {what} must be finite and > 0 (non-positive or "
             "non-finite variances); add a floor, e.g. softplus(raw) + 1e-6."
         )
-
-
-def _expand_params(kind: str, params: dict, batch_shape: torch.Size, n: int) -> dict:
-    if kind == "diag":
-        return {"var": params["var"].expand(batch_shape + (n,))}
-    if kind == "lowrank":
-        r = params["factor"].shape[-1]
-        return {
-            "factor": params["factor"].expand(batch_shape + (n, r)),
-            "diag": params["diag"].expand(batch_shape + (n,)),
-        }
-    return {"tril": params["tril"].expand(batch_shape + (n, n))}
 
 
 @register_constrain(Normal)

@@ -78,12 +78,12 @@ class Conditioning:
                         "constrain: inconsistent b: a group with no entries has a nonzero "
                         "target sum; remove the empty group or set its b to 0."
                     )
-                if int(self.mask.sum(-1).min()) >= self.n:
-                    raise ValueError(
-                        "constrain: m >= n after dropping empty groups: the constraint "
-                        "determines x completely; there is nothing to sample."
-                    )
-            else:
+            if int(self.mask.sum(-1).min()) >= self.n:
+                raise ValueError(
+                    "constrain: m >= n after dropping empty groups: the constraint "
+                    "determines x completely; there is nothing to sample."
+                )
+            if bool(self.mask.all()):
                 self.mask = None
             self.gram_diag = S
             return
@@ -278,20 +278,6 @@ class Conditioning:
 
         new.b_orig = ex(self.b_orig, 1)
         new.b = ex(self.b, 1)
-        if self.kind == "diag":
-            kp = {"var": 1}
-        elif self.kind == "lowrank":
-            kp = {"factor": 2, "diag": 1}
-        else:
-            kp = {"tril": 2}
-        new.params = {k: ex(v, kp[k]) for k, v in self.params.items()}
-        new.params_wd = {k: ex(v, kp[k]) for k, v in self.params_wd.items()}
-        new.gram_diag = ex(self.gram_diag, 1)
-        new.chol = ex(self.chol, 2)
-        if hasattr(self, "_P"):
-            new._P = ex(self._P, 2)
-        if hasattr(self, "_Q"):
-            new._Q = ex(self._Q, 2)
         return new
 
 
