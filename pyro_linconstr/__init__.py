@@ -1,15 +1,20 @@
 """pyro_linconstr: Pyro distributions conditioned on hard linear laws ``A x = b``."""
 
-from pyro_linconstr import constraints, transforms
+from pyro_linconstr import constraints, infer, transforms
 from pyro_linconstr.distributions import constrain, register_constrain
+from pyro_linconstr.handlers import LinearConstraint
 from pyro_linconstr.ops import GroupSum
+from pyro_linconstr.ops.project import project
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GroupSum",
+    "LinearConstraint",
     "constrain",
     "constraints",
+    "infer",
+    "project",
     "register_constrain",
     "transforms",
 ]
