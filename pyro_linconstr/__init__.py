@@ -1,6 +1,6 @@
 """pyro_linconstr: Pyro distributions conditioned on hard linear laws ``A x = b``."""
 
-from pyro_linconstr import constraints, transforms
+from pyro_linconstr import constraints, infer, transforms
 from pyro_linconstr.distributions import constrain, register_constrain
 from pyro_linconstr.handlers import LinearConstraint
 from pyro_linconstr.ops import GroupSum
@@ -13,6 +13,7 @@ __all__ = [
     "LinearConstraint",
     "constrain",
     "constraints",
+    "infer",
     "project",
     "register_constrain",
     "transforms",
