@@ -111,6 +111,7 @@ def test_mof_batch_matches_whole_graph(mof):
         sel = bt["group"] == k
         assert torch.equal(bt["charge"][sel], mof.charge[a:b])
         assert torch.equal(bt["element"][sel], mof.element[a:b])
+        assert torch.equal(bt["atom"][sel], torch.arange(a, b))
     src, dst = bt["edge_index"]
     assert torch.equal(bt["group"][src], bt["group"][dst])
     num_e = sum(int(mof.edge_ptr[c + 1] - mof.edge_ptr[c]) for c in crystals)

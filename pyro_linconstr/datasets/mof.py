@@ -88,7 +88,8 @@ class MOFCharges:
         """Gather a mini-batch of whole crystals as one disconnected graph.
 
         :param crystals: crystal indices.
-        :returns: a dict with ``element (n,)``, ``charge (n,)`` (float64),
+        :returns: a dict with ``atom (n,)`` (global atom indices),
+            ``element (n,)``, ``charge (n,)`` (float64),
             ``group (n,)`` (position of the atom's crystal in ``crystals``),
             ``num_groups`` (int, as a 0-dim tensor), ``edge_index (2, e)``
             (local to the batch) and ``edge_dist (e,)``.
@@ -109,6 +110,7 @@ class MOFCharges:
         shift = (offs - starts)[torch.cat([e_group, e_group])]
         edge_index = self.edge_index[:, directed] + shift
         return {
+            "atom": atom,
             "element": self.element[atom],
             "charge": self.charge[atom],
             "group": group,
