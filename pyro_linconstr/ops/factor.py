@@ -25,6 +25,46 @@ from pyro_linconstr.ops.operators import DenseOperator, LinearOperator
 _LOG_2PI = math.log(2 * math.pi)
 
 
+class _SPDSolve(torch.autograd.Function):
+    """``u = S^{-1} r`` from a precomputed Cholesky factor ``L`` of ``S``.
+
+    Backward: ``grad_r = S^{-1} grad_u`` and ``grad_S = -grad_r u^T``, which
+    costs ``O(m^2 k)``; differentiating through the Cholesky factorization
+    instead would cost ``O(m^3)`` per batch element.
+    """
+
+    @staticmethod
+    def forward(ctx, S, r, L):
+        u = torch.cholesky_solve(r, L)
+        ctx.save_for_backward(u, L)
+        ctx.shapes = S.shape, r.shape
+        return u
+
+    @staticmethod
+    def backward(ctx, grad_u):
+        u, L = ctx.saved_tensors
+        S_shape, r_shape = ctx.shapes
+        grad_r = torch.cholesky_solve(grad_u, L)
+        grad_S = None
+        if ctx.needs_input_grad[0]:
+            grad_S = -(grad_r @ u.transpose(-1, -2)).sum_to_size(S_shape)
+        return grad_S, grad_r.sum_to_size(r_shape), None
+
+
+class _SPDLogdet(torch.autograd.Function):
+    """``log det S`` from its Cholesky factor; backward ``grad_S = g S^{-1}``."""
+
+    @staticmethod
+    def forward(ctx, S, L):
+        ctx.save_for_backward(L)
+        return 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (L,) = ctx.saved_tensors
+        return grad[..., None, None] * torch.cholesky_inverse(L), None
+
+
 def check_rhs(A: LinearOperator, b: torch.Tensor, *, finite: bool = True) -> None:
     """Shape and finiteness checks shared by every constrained family."""
     if b.dim() < 1 or b.shape[-1] != A.num_rows:
@@ -86,10 +126,12 @@ class Conditioning:
             if bool(self.mask.all()):
                 self.mask = None
             self.gram_diag = S
+            # Kalman gain weights s_i / S_g(i); a singleton group gets exactly 1.
+            self.gain_weights = self.params["var"] / A.rmatvec(S)
             return
         chol, ok = _safe_cholesky(S)
         if ok:
-            self.chol = chol
+            self.S, self.chol = S, chol
             return
         self._orthonormalize()
 
@@ -148,13 +190,13 @@ class Conditioning:
         self.wd = torch.float64
         self.params_wd = _cast_params(self.params, torch.float64)
         S = self._gram(self.A, self.params_wd)
-        chol, info = torch.linalg.cholesky_ex(S)
+        chol, info = torch.linalg.cholesky_ex(S.detach())
         if bool((info != 0).any()):
             raise ValueError(
                 "constrain: A Sigma A^T is singular even after orthonormalizing A in float64; "
                 "the base variances span more than float64 can resolve. Rescale the problem."
             )
-        self.chol = chol
+        self.S, self.chol = S, chol
 
     # --------------------------------------------------------------- algebra
     @property
@@ -168,7 +210,7 @@ class Conditioning:
             if self.mask is None:
                 return r / self.gram_diag
             return torch.where(self.mask, r / self.gram_diag.where(self.mask, 1.0), 0.0)
-        return torch.cholesky_solve(r.unsqueeze(-1), self.chol).squeeze(-1)
+        return _SPDSolve.apply(self.S, r.unsqueeze(-1), self.chol).squeeze(-1)
 
     def _sigma_At(self, u: torch.Tensor) -> torch.Tensor:
         """``Sigma A^T u`` in the working dtype."""
@@ -182,6 +224,12 @@ class Conditioning:
         Qtu = self._Q.transpose(-1, -2) @ u.unsqueeze(-1)
         return (p["tril"] @ Qtu).squeeze(-1)
 
+    def _gain(self, r: torch.Tensor) -> torch.Tensor:
+        """``Sigma A^T S^{-1} r`` in the working dtype."""
+        if self.gram_diag is not None:
+            return self.gain_weights * self.A.rmatvec(r)
+        return self._sigma_At(self._solve(r))
+
     def _effective_residual(self, r: torch.Tensor) -> torch.Tensor:
         """Map a residual of the original rows to the kept (orthonormal) rows."""
         if self.row_map is None:
@@ -193,7 +241,7 @@ class Conditioning:
         """``y + Sigma A^T S^{-1} (b - A y)`` (differentiable)."""
         yw = y.to(self.wd)
         r = self.b - self.A.matvec(yw)
-        return (yw + self._sigma_At(self._solve(r))).to(self.dtype)
+        return (yw + self._gain(r)).to(self.dtype)
 
     def condition(self, y: torch.Tensor) -> torch.Tensor:
         """Map an unconstrained draw ``y`` to the exact constrained sample."""
@@ -201,7 +249,7 @@ class Conditioning:
         with torch.no_grad():
             A64 = self.A_orig.to(torch.float64)
             r = self.b_orig.to(torch.float64) - A64.matvec(x.detach().to(torch.float64))
-            delta = self._sigma_At(self._solve(self._effective_residual(r).to(self.wd)))
+            delta = self._gain(self._effective_residual(r).to(self.wd))
         return x + delta.to(self.dtype)
 
     def mean(self, loc: torch.Tensor) -> torch.Tensor:
@@ -224,9 +272,7 @@ class Conditioning:
     def variance(self) -> torch.Tensor:
         p = self.params_wd
         if self.gram_diag is not None:
-            inv = self._solve(torch.ones_like(self.gram_diag))
-            var = p["var"] - p["var"] ** 2 * self.A.rmatvec(inv)
-            return var.clamp_min(0).to(self.dtype)
+            return (p["var"] * (1 - self.gain_weights)).clamp_min(0).to(self.dtype)
         if self.kind == "diag":
             sigma_diag = p["var"]
             KT = self.A.to_dense().to(self.wd) * p["var"].unsqueeze(-2)
@@ -237,8 +283,8 @@ class Conditioning:
         else:
             sigma_diag = (p["tril"] ** 2).sum(-1)
             KT = self._Q @ p["tril"].transpose(-1, -2)
-        Z = torch.linalg.solve_triangular(self.chol, KT, upper=False)
-        return (sigma_diag - (Z**2).sum(-2)).clamp_min(0).to(self.dtype)
+        Z = _SPDSolve.apply(self.S, KT, self.chol)
+        return (sigma_diag - (KT * Z).sum(-2)).clamp_min(0).to(self.dtype)
 
     def gram_logdet(self) -> torch.Tensor:
         """``log det(A Sigma A^T)`` over the kept rows."""
@@ -247,7 +293,7 @@ class Conditioning:
             if self.mask is not None:
                 logs = logs.where(self.mask, 0.0)
             return logs.sum(-1).to(self.dtype)
-        return 2 * self.chol.diagonal(dim1=-2, dim2=-1).log().sum(-1).to(self.dtype)
+        return _SPDLogdet.apply(self.S, self.chol).to(self.dtype)
 
     def constraint_logdet(self) -> torch.Tensor:
         """``log det(A A^T)`` over the kept rows (0 once orthonormalized)."""
@@ -261,11 +307,7 @@ class Conditioning:
     def log_normalizer(self, loc: torch.Tensor) -> torch.Tensor:
         """``log N(b; A loc, S) + 1/2 log det(A A^T)``: what ``log_prob`` subtracts."""
         r = self.b - self.A.matvec(loc.to(self.wd))
-        if self.gram_diag is not None:
-            quad = r * self._solve(r)
-        else:
-            z = torch.linalg.solve_triangular(self.chol, r.unsqueeze(-1), upper=False)
-            quad = z.squeeze(-1) ** 2
+        quad = r * self._solve(r)
         out = -0.5 * quad.sum(-1) - 0.5 * self.rank * _LOG_2PI
         return out.to(self.dtype) - 0.5 * self.gram_logdet() + 0.5 * self.constraint_logdet()
 
@@ -288,10 +330,10 @@ def _safe_cholesky(S: torch.Tensor) -> tuple[torch.Tensor, bool]:
     ``sqrt(eps) * S_ii`` (a numerically redundant row, or an ill-conditioned
     ``A`` that is better handled by orthonormalizing it in float64).
     """
-    chol, info = torch.linalg.cholesky_ex(S)
+    chol, info = torch.linalg.cholesky_ex(S.detach())
     if bool((info != 0).any()):
         return chol, False
     piv = chol.diagonal(dim1=-2, dim2=-1) ** 2
-    ratio = piv / S.diagonal(dim1=-2, dim2=-1)
+    ratio = piv / S.detach().diagonal(dim1=-2, dim2=-1)
     tol = math.sqrt(torch.finfo(S.dtype).eps)
     return chol, not bool((ratio < tol).any())

@@ -316,7 +316,7 @@ def test_affine_subspace_transform():
 
 
 def test_log_prob_agrees_with_transform():
-    """The pushforward of the null-space density through the transform is the constrained density."""
+    """The null-space density pushed through the transform is the constrained density."""
     loc, W, d, cov, A, b = random_problem(n=5, m=2, seed=11)
     c = plc.constrain(dist.MultivariateNormal(loc, cov), A, b)
     t = torch.distributions.biject_to(c.support)

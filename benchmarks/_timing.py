@@ -1,0 +1,22 @@
+"""Shared timing helper for the benchmark scripts (median wall time of repeated calls)."""
+
+import statistics
+import time
+
+import torch
+
+
+def median_time(fn, repeats: int = 7, warmup: int = 2) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
