@@ -56,10 +56,12 @@ class ConstrainedTrace_ELBO(Trace_ELBO):
         ...     loc = pyro.param("loc", torch.zeros(3))
         ...     scale = pyro.param("scale", torch.ones(3), constraint=constraints.positive)
         ...     pyro.sample("x", plc.constrain(dist.Normal(loc, scale).to_event(1), A, b))
-        >>> elbo = plc.infer.ConstrainedTrace_ELBO(estimator="marginal", num_particles=4)
+        >>> elbo = plc.infer.ConstrainedTrace_ELBO(
+        ...     estimator="marginal", num_particles=4, vectorize_particles=True
+        ... )
         >>> svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), elbo)
         >>> y = torch.tensor([2.0, 0.0, -1.0])
-        >>> for _ in range(200):
+        >>> for _ in range(150):
         ...     _ = svi.step(y)
         >>> bool(pyro.param("loc").sum().sub(1).abs() < 1.0)
         True
