@@ -55,8 +55,8 @@ the variance parameters, e.g. gradients through a network's variance head, or
 ``mu`` close to the constraint: with ``|b - A mu|`` small, ME's
 ``s``-gradient (proportional to that residual) vanishes -- tiny variance, but
 a bias close to the whole ``s``-gradient (``mu = y + 0.3 N(0, I)`` gives
-``var_s`` ratios of 0.01-0.2 and an ME bias of 0.8-0.9). The paper's
-"average error" cannot be a single-sample relative error: CR is unbiased, yet
+``var_s`` ratios of 0.01-0.25 and an ME bias of 0.75-0.95). The paper's
+"average error" is not our single-sample relative error: CR is unbiased, yet
 its single-sample error here is ~0.9, three times the paper's 0.30.
 """
 
