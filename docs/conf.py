@@ -10,8 +10,6 @@ import os
 import sys
 from pathlib import Path
 
-from sphinx_gallery.sorting import FileNameSortKey
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PLC_SMOKE", "1")
@@ -61,10 +59,11 @@ plot_formats = [("png", 110)]
 sphinx_gallery_conf = {
     "examples_dirs": ["../tutorials"],
     "gallery_dirs": ["auto_tutorials"],
-    # Run every tutorial (smoke mode comes from PLC_SMOKE above).
-    "filename_pattern": r".*\.py$",
+    # Run every tutorial (smoke mode comes from PLC_SMOKE above); PLC_GALLERY_PATTERN
+    # (a regex on the path) runs a subset while editing, the others are shown unexecuted.
+    "filename_pattern": os.environ.get("PLC_GALLERY_PATTERN", r".*\.py$"),
     "ignore_pattern": r"(__init__|conftest)\.py$",
-    "within_subsection_order": FileNameSortKey,
+    "within_subsection_order": "FileNameSortKey",
     "abort_on_example_error": True,
     "download_all_examples": False,
     "remove_config_comments": True,
