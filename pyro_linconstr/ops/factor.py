@@ -244,13 +244,28 @@ class Conditioning:
         return (yw + self._gain(r)).to(self.dtype)
 
     def condition(self, y: torch.Tensor) -> torch.Tensor:
-        """Map an unconstrained draw ``y`` to the exact constrained sample."""
+        """Map an unconstrained draw ``y`` to the exact constrained sample.
+
+        After the Matheron update, iterative refinement with the residual of
+        the original ``A`` in float64: one step always, up to two more while
+        a row exceeds ``2 sqrt(n) eps (|A||x| + |b|)``. The refinement is
+        applied without gradient (it is zero in exact arithmetic).
+        """
         x = self._correct(y)
         with torch.no_grad():
             A64 = self.A_orig.to(torch.float64)
-            r = self.b_orig.to(torch.float64) - A64.matvec(x.detach().to(torch.float64))
-            delta = self._gain(self._effective_residual(r).to(self.wd))
-        return x + delta.to(self.dtype)
+            b64 = self.b_orig.to(torch.float64)
+            eps = torch.finfo(self.dtype).eps
+            xr = x.detach()
+            for step in range(3):
+                x64 = xr.to(torch.float64)
+                r = b64 - A64.matvec(x64)
+                if step > 0:
+                    tol = 2 * math.sqrt(self.n) * eps * (A64.abs_matvec(x64) + b64.abs())
+                    if bool((r.abs() <= tol).all()):
+                        break
+                xr = xr + self._gain(self._effective_residual(r).to(self.wd)).to(self.dtype)
+        return x + (xr - x.detach())
 
     def mean(self, loc: torch.Tensor) -> torch.Tensor:
         return self._correct(loc)

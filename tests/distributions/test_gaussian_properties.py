@@ -32,8 +32,12 @@ def build(n, m, rank, extra, log_cond, log_var_span, dtype, kind, batch, seed):
     V, _ = torch.linalg.qr(torch.randn(n, rank, generator=g, dtype=f64))
     sv = torch.logspace(0, -log_cond, rank, dtype=f64)
     A = (U * sv) @ V.T  # rank x n, condition number 10**log_cond
-    mix = torch.randn(m + extra - rank, rank, generator=g, dtype=f64)
-    A = torch.cat([A, mix @ A], 0)  # consistent redundant rows
+    # redundant rows: copies scaled by +-2^k, so that b stays consistent to the last bit
+    k = m + extra - rank
+    idx = torch.randint(0, rank, (k,), generator=g)
+    pow2 = 2.0 ** torch.randint(-2, 3, (k, 1), generator=g).to(f64)
+    sign = torch.where(torch.rand(k, 1, generator=g) < 0.5, -1.0, 1.0).to(f64)
+    A = torch.cat([A, sign * pow2 * A[idx]], 0)
     A = A[torch.randperm(A.shape[0], generator=g)]
     x_true = torch.randn(batch + (n,), generator=g, dtype=f64)
     b = (A @ x_true.unsqueeze(-1)).squeeze(-1)
