@@ -134,9 +134,9 @@ def backward_sample(
         alpha = tables[r].expand(shape + (K + 1,))
         score = alpha.gather(-1, idx.clamp_min(0)) + logw[..., r, :]
         score = torch.where(valid, score, torch.full_like(score, -float("inf")))
-        u = torch.rand(score.shape, dtype=score.dtype, device=score.device)
-        gumbel = -torch.log(-torch.log(u.clamp(torch.finfo(u.dtype).tiny, 1.0)))
-        x = (score + gumbel).argmax(-1)
+        # Gumbel-max: -log E with E ~ Exponential(1) is a standard Gumbel draw.
+        expo = torch.empty_like(score).exponential_()
+        x = (score - expo.log()).argmax(-1)
         remaining = remaining - x
         out.append(x)
     out.reverse()
