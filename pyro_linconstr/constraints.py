@@ -81,13 +81,13 @@ class _AffineSubspace(_constraints.Constraint):
 
     def check(self, value: torch.Tensor) -> torch.Tensor:
         x = self._flat(value)
-        if not x.is_floating_point():
-            x = x.to(torch.get_default_dtype())
-        resid = self.residual(value).abs()
+        eps = torch.finfo(x.dtype if x.is_floating_point() else torch.get_default_dtype()).eps
+        x64, b64 = x.to(torch.float64), self.b.to(torch.float64)
         A64 = self.A.to(torch.float64)
-        eps = torch.finfo(x.dtype).eps
-        tol = residual_tolerance(A64, x.to(torch.float64), self.b.to(torch.float64), eps)
-        return (resid <= tol).all(-1) & torch.isfinite(x).all(-1)
+        resid = (A64.matvec(x64) - b64).abs()
+        tol = residual_tolerance(A64, x64, b64, eps)
+        # a non-finite x makes tol non-finite (inf) or resid nan: both fail
+        return ((resid <= tol) & torch.isfinite(tol)).all(-1)
 
     def __repr__(self) -> str:
         m, n = self.A.num_rows, self.A.num_cols

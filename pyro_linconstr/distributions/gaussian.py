@@ -203,21 +203,28 @@ def _parse_base(base):
 
 
 def _check_params(kind: str, loc: torch.Tensor, params: dict) -> None:
-    if not bool(torch.isfinite(loc).all()):
-        raise ValueError("constrain: the base's loc has non-finite entries (nan or inf).")
     if kind == "diag":
         positive, what = params["var"], "scale"
+        others = [loc]
     elif kind == "lowrank":
         positive, what = params["diag"], "cov_diag"
-        if not bool(torch.isfinite(params["factor"]).all()):
-            raise ValueError("constrain: the base's cov_factor has non-finite entries.")
+        others = [loc, params["factor"]]
     else:
         positive, what = params["tril"].diagonal(dim1=-2, dim2=-1), "scale_tril diagonal"
-    if not bool(torch.isfinite(positive).all()) or not bool((positive > 0).all()):
-        raise ValueError(
-            f"constrain: the base's {what} must be finite and > 0 (non-positive or "
-            "non-finite variances); add a floor, e.g. softplus(raw) + 1e-6."
-        )
+        others = [loc]
+    ok = (positive > 0).all() & torch.isfinite(positive).all()
+    for t in others:
+        ok = ok & torch.isfinite(t).all()
+    if bool(ok):  # one synchronization in the common case
+        return
+    if not bool(torch.isfinite(loc).all()):
+        raise ValueError("constrain: the base's loc has non-finite entries (nan or inf).")
+    if kind == "lowrank" and not bool(torch.isfinite(params["factor"]).all()):
+        raise ValueError("constrain: the base's cov_factor has non-finite entries.")
+    raise ValueError(
+        f"constrain: the base's {what} must be finite and > 0 (non-positive or "
+        "non-finite variances); add a floor, e.g. softplus(raw) + 1e-6."
+    )
 
 
 @register_constrain(Normal)

@@ -248,8 +248,9 @@ class Conditioning:
 
         After the Matheron update, iterative refinement with the residual of
         the original ``A`` in float64: one step always, up to two more while
-        a row exceeds ``2 sqrt(n) eps (|A||x| + |b|)``. The refinement is
-        applied without gradient (it is zero in exact arithmetic).
+        a row exceeds ``2 sqrt(n) eps (|A||x| + |b|)`` (a diagonal ``S``, as
+        for a :class:`GroupSum`, is solved elementwise and one step suffices).
+        The refinement is applied without gradient (zero in exact arithmetic).
         """
         x = self._correct(y)
         with torch.no_grad():
@@ -257,7 +258,7 @@ class Conditioning:
             b64 = self.b_orig.to(torch.float64)
             eps = torch.finfo(self.dtype).eps
             xr = x.detach()
-            for step in range(3):
+            for step in range(1 if self.gram_diag is not None else 3):
                 x64 = xr.to(torch.float64)
                 r = b64 - A64.matvec(x64)
                 if step > 0:

@@ -96,3 +96,37 @@ def test_log_prob_invariant_under_invertible_row_transform(problem):
     lp1, lp2 = d1.log_prob(x), d2.log_prob(x)
     torch.testing.assert_close(lp1, lp2, rtol=1e-6, atol=1e-6 * (1 + lp1.abs().max().item()))
     torch.testing.assert_close(d1.mean, d2.mean, rtol=1e-6, atol=1e-6)
+
+
+@st.composite
+def group_problems(draw):
+    n = draw(st.integers(2, 200))
+    num_groups = draw(st.integers(1, max(1, n // 2)))
+    log_var_span = draw(st.floats(0.0, 12.0))
+    log_loc_scale = draw(st.floats(-3.0, 3.0))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return n, num_groups, log_var_span, log_loc_scale, dtype, seed
+
+
+@settings(max_examples=60, deadline=None)
+@given(group_problems())
+def test_group_sum_samples_satisfy_documented_bound(problem):
+    n, num_groups, log_var_span, log_loc_scale, dtype, seed = problem
+    g = torch.Generator().manual_seed(seed)
+    groups = torch.randint(0, num_groups, (n,), generator=g)
+    groups[:num_groups] = torch.arange(num_groups)
+    A = plc.GroupSum(groups, num_groups)
+    var = 10 ** (log_var_span * (torch.rand(n, generator=g, dtype=torch.float64) - 0.5))
+    loc = torch.randn(n, generator=g, dtype=torch.float64) * 10**log_loc_scale
+    b = torch.randn(2, num_groups, generator=g, dtype=torch.float64)
+    if int(A.group_sizes().max()) == 1:
+        return  # every group a singleton: nothing left to sample
+    d = plc.constrain(dist.Normal(loc.to(dtype), var.sqrt().to(dtype)).to_event(1), A, b.to(dtype))
+    x = d.sample((3,))
+    x64, b64 = x.double(), b.to(dtype).double()
+    resid = (A.matvec(x64) - b64).abs()
+    scale = A.matvec(x64.abs()) + b64.abs()
+    bound = 8 * math.sqrt(n) * torch.finfo(dtype).eps * scale
+    assert (resid <= bound).all(), float((resid / scale).max())
+    assert d.support.check(x).all()
