@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--epochs", type=int, default=50, help="training epochs per model")
+    p.add_argument("--epochs", type=int, default=120, help="training epochs per model")
     p.add_argument("--seed", type=int, default=0, help="random seed (data split and training)")
     p.add_argument("--out", default="pyro_linconstr_demo.png", help="path of the PNG of samples")
     p.add_argument("--batch-size", type=int, default=128, help="minibatch size")
@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--particles", type=int, default=200, help="importance samples for the test log-likelihood"
     )
-    p.add_argument("--num-test", type=int, default=None, help="held-out images used (default all)")
+    p.add_argument("--num-test", type=int, default=0, help="held-out images used; 0: all")
     p.add_argument(
         "--max-steps", type=int, default=None, help="stop each model after this many SVI steps"
     )
