@@ -20,3 +20,18 @@ def median_time(fn, repeats: int = 7, warmup: int = 2) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def paired_times(baseline, candidate, repeats: int = 15, warmup: int = 2) -> tuple[float, float]:
+    """Median seconds of ``baseline()`` and ``candidate()``, run alternately.
+
+    Alternating the two keeps a busy machine's slow spells from landing on one side only.
+    """
+    for _ in range(warmup):
+        baseline()
+        candidate()
+    tb, tc = [], []
+    for _ in range(repeats):
+        tb.append(median_time(baseline, repeats=1, warmup=0))
+        tc.append(median_time(candidate, repeats=1, warmup=0))
+    return statistics.median(tb), statistics.median(tc)

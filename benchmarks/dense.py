@@ -17,7 +17,7 @@ import argparse
 
 import pyro.distributions as dist
 import torch
-from _timing import median_time
+from _timing import median_time, paired_times
 
 import pyro_linconstr as plc
 
@@ -70,8 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     prob = make_problem(args.n, args.m, args.batch, torch.device(args.device), dtype)
-    t_u = median_time(lambda: unavoidable(*prob), args.repeats)
-    t_o = median_time(lambda: ours(*prob), args.repeats)
+    t_u, t_o = paired_times(lambda: unavoidable(*prob), lambda: ours(*prob), args.repeats)
     t_h = median_time(lambda: handwritten(*prob), max(3, args.repeats // 2), warmup=1)
     print(
         f"Dense A benchmark: n = {args.n}, m = {args.m}, batch = {args.batch}, "

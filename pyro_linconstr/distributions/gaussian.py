@@ -139,15 +139,16 @@ class ConstrainedGaussian(ConstrainedDistribution):
     # ---------------------------------------------------------------- sampling
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)[: len(sample_shape) + len(self.batch_shape)]
-        y = self._loc + self._cond.base_noise(shape)
+        y = self._cond.base_sample(self._loc, shape)
         return self._unflat(self._cond.condition(y))
 
     # ----------------------------------------------------------------- density
     def _base_log_prob(self, x: torch.Tensor) -> torch.Tensor:
         p = self._params
         if self._kind == "diag":
-            var = p["var"]
-            return -0.5 * (((x - self._loc) ** 2 / var) + var.log() + _LOG_2PI).sum(-1)
+            z = (x - self._loc) / p["scale"]
+            quad = z.square().sum(-1)
+            return -0.5 * quad - p["scale"].log().sum(-1) - 0.5 * self._n * _LOG_2PI
         if self._kind == "lowrank":
             d = LowRankMultivariateNormal(self._loc, p["factor"], p["diag"], validate_args=False)
             return d.log_prob(x)
@@ -191,8 +192,8 @@ def _parse_base(base):
         event_shape, batch_shape = full[len(full) - k :], full[: len(full) - k]
         n = math.prod(event_shape)
         loc = inner.loc.expand(full).reshape(batch_shape + (n,))
-        var = inner.scale.expand(full).reshape(batch_shape + (n,)) ** 2
-        return "diag", loc, {"var": var}, batch_shape, event_shape
+        scale = inner.scale.expand(full).reshape(batch_shape + (n,))
+        return "diag", loc, {"var": scale**2, "scale": scale}, batch_shape, event_shape
     if isinstance(base, LowRankMultivariateNormal):
         params = {"factor": base.cov_factor, "diag": base.cov_diag}
         return "lowrank", base.loc, params, base.batch_shape, base.event_shape
@@ -204,7 +205,7 @@ def _parse_base(base):
 
 def _check_params(kind: str, loc: torch.Tensor, params: dict) -> None:
     if kind == "diag":
-        positive, what = params["var"], "scale"
+        positive, what = params["scale"], "scale"
         others = [loc]
     elif kind == "lowrank":
         positive, what = params["diag"], "cov_diag"
@@ -212,10 +213,17 @@ def _check_params(kind: str, loc: torch.Tensor, params: dict) -> None:
     else:
         positive, what = params["tril"].diagonal(dim1=-2, dim2=-1), "scale_tril diagonal"
         others = [loc]
-    ok = (positive > 0).all() & torch.isfinite(positive).all()
-    for t in others:
-        ok = ok & torch.isfinite(t).all()
-    if bool(ok):  # one synchronization in the common case
+    # fast path: two reductions per tensor and one synchronization; a sum that
+    # overflows only sends us to the exact checks below
+    with torch.no_grad():
+        ok = (positive.min() > 0) & torch.isfinite(positive.sum())
+        for t in others:
+            ok = ok & torch.isfinite(t.sum())
+    if bool(ok):
+        return
+    if bool((positive > 0).all()) and all(
+        bool(torch.isfinite(t).all()) for t in [positive, *others]
+    ):
         return
     if not bool(torch.isfinite(loc).all()):
         raise ValueError("constrain: the base's loc has non-finite entries (nan or inf).")

@@ -127,7 +127,7 @@ class Conditioning:
                 self.mask = None
             self.gram_diag = S
             # Kalman gain weights s_i / S_g(i); a singleton group gets exactly 1.
-            self.gain_weights = self.params["var"] / A.rmatvec(S)
+            self.gain_weights = self.params["var"] * A.rmatvec(S.reciprocal())
             return
         chol, ok = _safe_cholesky(S)
         if ok:
@@ -257,26 +257,32 @@ class Conditioning:
             A64 = self.A_orig.to(torch.float64)
             b64 = self.b_orig.to(torch.float64)
             eps = torch.finfo(self.dtype).eps
-            xr = x.detach()
             for step in range(1 if self.gram_diag is not None else 3):
-                x64 = xr.to(torch.float64)
+                x64 = x.detach().to(torch.float64)
                 r = b64 - A64.matvec(x64)
                 if step > 0:
                     tol = 2 * math.sqrt(self.n) * eps * (A64.abs_matvec(x64) + b64.abs())
                     if bool((r.abs() <= tol).all()):
                         break
-                xr = xr + self._gain(self._effective_residual(r).to(self.wd)).to(self.dtype)
-        return x + (xr - x.detach())
+                # in place, outside autograd: x's graph is that of the Matheron update
+                x.add_(self._gain(self._effective_residual(r).to(self.wd)).to(self.dtype))
+        return x
 
     def mean(self, loc: torch.Tensor) -> torch.Tensor:
         return self._correct(loc)
 
-    def base_noise(self, shape: torch.Size) -> torch.Tensor:
+    def base_sample(self, loc: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """A reparametrized draw ``y ~ N(loc, Sigma)`` of shape ``shape + (n,)``."""
         p = self.params
         dev = self.b_orig.device
         if self.kind == "diag":
             eps = torch.randn(shape + (self.n,), dtype=self.dtype, device=dev)
-            return p["var"].sqrt() * eps
+            return torch.addcmul(loc, p["scale"], eps)
+        return loc + self._base_noise(shape)
+
+    def _base_noise(self, shape: torch.Size) -> torch.Tensor:
+        p = self.params
+        dev = self.b_orig.device
         if self.kind == "lowrank":
             r = p["factor"].shape[-1]
             e1 = torch.randn(shape + (r, 1), dtype=self.dtype, device=dev)

@@ -108,9 +108,13 @@ class DenseOperator(LinearOperator):
         return self.matrix.device
 
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
+        if self.matrix.dim() == 2:  # shared A: one GEMM over the whole batch
+            return x @ self.matrix.T
         return (self.matrix @ x.unsqueeze(-1)).squeeze(-1)
 
     def rmatvec(self, y: torch.Tensor) -> torch.Tensor:
+        if self.matrix.dim() == 2:
+            return y @ self.matrix
         return (y.unsqueeze(-2) @ self.matrix).squeeze(-2)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,7 +124,7 @@ class DenseOperator(LinearOperator):
         return self.matrix.transpose(-1, -2) @ y
 
     def abs_matvec(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.matrix.abs() @ x.abs().unsqueeze(-1)).squeeze(-1)
+        return DenseOperator(self.matrix.abs()).matvec(x.abs())
 
     def weighted_gram(self, s: torch.Tensor) -> torch.Tensor:
         scaled = self.matrix * s.unsqueeze(-2)
@@ -138,6 +142,40 @@ class DenseOperator(LinearOperator):
 
     def to(self, dtype: torch.dtype) -> DenseOperator:
         return DenseOperator(self.matrix.to(dtype))
+
+
+class _SegmentSum(torch.autograd.Function):
+    """Sums over contiguous segments along the last dim (sorted group ids).
+
+    ``torch.segment_reduce`` is several times faster than ``index_add`` but has
+    no double backward; pairing it with :class:`_Expand` as each other's
+    backward keeps every order of derivative available.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lengths, groups):
+        ctx.save_for_backward(lengths, groups)
+        out = torch.segment_reduce(x.movedim(-1, 0), "sum", lengths=lengths, axis=0)
+        return out.movedim(0, -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        lengths, groups = ctx.saved_tensors
+        return _Expand.apply(grad, lengths, groups), None, None
+
+
+class _Expand(torch.autograd.Function):
+    """``y[..., groups]``, the adjoint of :class:`_SegmentSum`."""
+
+    @staticmethod
+    def forward(ctx, y, lengths, groups):
+        ctx.save_for_backward(lengths, groups)
+        return y.index_select(-1, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        lengths, groups = ctx.saved_tensors
+        return _SegmentSum.apply(grad, lengths, groups), None, None
 
 
 class GroupSum(LinearOperator):
@@ -192,6 +230,9 @@ class GroupSum(LinearOperator):
         self.num_rows = num_groups
         self.num_cols = groups.numel()
         self._dtype = torch.get_default_dtype()
+        self._sizes = torch.bincount(self.groups, minlength=num_groups)
+        # contiguous groups (atoms of one molecule stored together) use segment sums
+        self._sorted = bool((self.groups[1:] >= self.groups[:-1]).all())
 
     @property
     def num_groups(self) -> int:
@@ -210,21 +251,24 @@ class GroupSum(LinearOperator):
 
     def group_sizes(self) -> torch.Tensor:
         """Number of entries in each group, shape ``(m,)``."""
-        return torch.bincount(self.groups, minlength=self.num_rows)
+        return self._sizes
 
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
+        if self._sorted:
+            return _SegmentSum.apply(x, self._sizes, self.groups)
         out = x.new_zeros(x.shape[:-1] + (self.num_rows,))
         return out.index_add(-1, self.groups, x)
 
     def rmatvec(self, y: torch.Tensor) -> torch.Tensor:
+        if self._sorted:
+            return _Expand.apply(y, self._sizes, self.groups)
         return y.index_select(-1, self.groups)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.new_zeros(x.shape[:-2] + (self.num_rows, x.shape[-1]))
-        return out.index_add(-2, self.groups, x)
+        return self.matvec(x.transpose(-1, -2)).transpose(-1, -2)
 
     def rmatmul(self, y: torch.Tensor) -> torch.Tensor:
-        return y.index_select(-2, self.groups)
+        return self.rmatvec(y.transpose(-1, -2)).transpose(-1, -2)
 
     def abs_matvec(self, x: torch.Tensor) -> torch.Tensor:
         return self.matvec(x.abs())
@@ -233,8 +277,10 @@ class GroupSum(LinearOperator):
         return self.matvec(s)
 
     def gram_logdet(self) -> torch.Tensor:
-        sizes = self.group_sizes()
-        return sizes[sizes > 0].to(torch.get_default_dtype()).log().sum()
+        if not hasattr(self, "_gram_logdet"):
+            sizes = self._sizes
+            self._gram_logdet = sizes[sizes > 0].to(torch.float64).log().sum()
+        return self._gram_logdet
 
     def to_dense(self) -> torch.Tensor:
         dense = torch.zeros(self.num_rows, self.num_cols, device=self.device)
