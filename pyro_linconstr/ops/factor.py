@@ -298,6 +298,8 @@ class Conditioning:
         if self.kind == "diag":
             sigma_diag = p["var"]
             KT = self.A.to_dense().to(self.wd) * p["var"].unsqueeze(-2)
+        elif self.kind == "lowrank" and self.A.diagonal_gram:
+            return self._lowrank_group_variance().to(self.dtype)
         elif self.kind == "lowrank":
             sigma_diag = (p["factor"] ** 2).sum(-1) + p["diag"]
             KT = self._P @ p["factor"].transpose(-1, -2)
@@ -307,6 +309,34 @@ class Conditioning:
             KT = self._Q @ p["tril"].transpose(-1, -2)
         Z = _SPDSolve.apply(self.S, KT, self.chol)
         return (sigma_diag - (KT * Z).sum(-2)).clamp_min(0).to(self.dtype)
+
+    def _lowrank_group_variance(self) -> torch.Tensor:
+        """Conditional variances for ``Sigma = W W^T + diag(d)`` and a diagonal ``A diag(d) A^T``.
+
+        With ``G = A diag(d) A^T`` (diagonal), ``P = A W`` and the capacitance
+        ``C = I + P^T G^{-1} P`` (Woodbury): ``S^{-1} P = G^{-1} P C^{-1}``,
+        ``P^T S^{-1} P = I - C^{-1}`` and
+        ``diag(S^{-1}) = 1/G - rowsum((G^{-1} P L_C^{-T})^2)``; row ``i`` of
+        ``K = Sigma A^T`` is ``P w_i + d_i e_g(i)``. Cost ``O(n r^2 + m r^2)``,
+        no ``m x n`` matrix.
+        """
+        p = self.params_wd
+        W, d, A, P = p["factor"], p["diag"], self.A, self._P
+        r = W.shape[-1]
+        g_inv = A.weighted_gram(d).reciprocal()  # (..., m)
+        U = P * g_inv.unsqueeze(-1)  # G^{-1} P
+        eye = torch.eye(r, dtype=W.dtype, device=W.device)
+        C = eye + P.transpose(-1, -2) @ U
+        L_C = torch.linalg.cholesky(C)
+        C_inv = torch.cholesky_inverse(L_C)
+        V = torch.linalg.solve_triangular(L_C, U.transpose(-1, -2), upper=False)  # (..., r, m)
+        diag_s_inv = g_inv - (V**2).sum(-2)
+        Q = U @ C_inv  # S^{-1} P, (..., m, r)
+        M = eye - C_inv  # P^T S^{-1} P
+        quad_w = ((W @ M) * W).sum(-1)
+        cross = (W * A.rmatmul(Q)).sum(-1)
+        quad = quad_w + 2 * d * cross + d**2 * A.rmatvec(diag_s_inv)
+        return ((W**2).sum(-1) + d - quad).clamp_min(0)
 
     def gram_logdet(self) -> torch.Tensor:
         """``log det(A Sigma A^T)`` over the kept rows."""

@@ -424,3 +424,25 @@ def test_register_constrain_adds_a_family():
 
     d = plc.constrain(MyNormal(torch.zeros(3), 1.0), torch.ones(1, 3), torch.ones(1))
     assert isinstance(d, ConstrainedGaussian)
+
+
+def test_group_sum_lowrank_variance_never_densifies():
+    """n = 200,000 entries in 2,000 groups: an m x n matrix would hold 4e8 numbers."""
+    n, m, r = 200_000, 2_000, 3
+    g = torch.Generator().manual_seed(12)
+    groups = torch.sort(
+        torch.cat([torch.arange(m), torch.randint(0, m, (n - m,), generator=g)])
+    ).values
+    A = plc.GroupSum(groups, m)
+    W = torch.randn(n, r, generator=g, dtype=torch.float64) * 0.1
+    d = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+    base = dist.LowRankMultivariateNormal(torch.zeros(n, dtype=torch.float64), W, d)
+    c = plc.constrain(base, A, torch.zeros(m, dtype=torch.float64))
+    v = c.variance
+    assert v.shape == (n,) and torch.isfinite(v).all() and (v >= 0).all()
+    assert (v <= (W**2).sum(-1) + d + 1e-12).all()  # conditioning never adds variance
+    # a singleton group's entry is pinned to its target: zero variance
+    singletons = (A.group_sizes() == 1).nonzero().squeeze(-1)
+    if singletons.numel():
+        pinned = torch.isin(groups, singletons)
+        assert v[pinned].abs().max() < 1e-12
