@@ -54,7 +54,7 @@ from pyro_linconstr.datasets import load_chemprocess, split_rows
 
 SMOKE = os.environ.get("PLC_SMOKE", "0") not in ("", "0")
 RUNS = int(os.environ.get("PLC_CHEM_RUNS", 2 if SMOKE else 5))
-EPOCHS = int(os.environ.get("PLC_CHEM_EPOCHS", 15 if SMOKE else 60))
+EPOCHS = int(os.environ.get("PLC_CHEM_EPOCHS", 15 if SMOKE else 150))
 BATCH, LR, HIDDEN, PENALTY = 64, 1e-3, 64, 1.0
 OUT = Path(__file__).resolve().parent / "output" if "__file__" in globals() else Path("output")
 OUT.mkdir(parents=True, exist_ok=True)
@@ -265,7 +265,7 @@ def cell(vals):
     return f"{float(t.mean()):.3g} ± {sd:.2g}"
 
 
-mode = "smoke" if SMOKE else "full"
+mode = ("smoke" if SMOKE else "full") + os.environ.get("PLC_TAG", "")
 lines = [
     f"Chemical-process surrogates ({mode}: {RUNS} runs, {EPOCHS} epochs, float64); "
     "test MSE x 1e-4, ours | paper",
@@ -295,5 +295,5 @@ for ax, name in zip(axes, BENCHMARKS):
 axes[0].set_ylabel("validation MSE (scaled)")
 axes[0].legend(fontsize=6)
 fig.tight_layout()
-fig.savefig(OUT / "chemical_process_validation.png", dpi=120)
+fig.savefig(OUT / f"chemical_process_validation_{mode}.png", dpi=120)
 print(f"figures and table in {OUT}")

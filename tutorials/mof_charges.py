@@ -59,7 +59,7 @@ from pyro_linconstr.datasets import load_mof_charges, split_crystals
 
 SMOKE = os.environ.get("PLC_SMOKE", "0") not in ("", "0")
 NUM_SPLITS = int(os.environ.get("PLC_MOF_SPLITS", 1 if SMOKE else 3))
-EPOCHS = int(os.environ.get("PLC_MOF_EPOCHS", 10 if SMOKE else 25))
+EPOCHS = int(os.environ.get("PLC_MOF_EPOCHS", 10 if SMOKE else 50))
 MAX_CRYSTALS = 500 if SMOKE else None
 VERBOSE = os.environ.get("PLC_VERBOSE", "0") not in ("", "0")
 ONLY = os.environ.get("PLC_MOF_METHODS")  # e.g. "likelihood,raza" to run a subset
@@ -331,7 +331,7 @@ def mean_std(values, fmt):
     return f"{fmt.format(float(t.mean()))} ± {fmt.format(sd)}"
 
 
-mode = "smoke" if SMOKE else "full"
+mode = ("smoke" if SMOKE else "full") + os.environ.get("PLC_TAG", "")
 header = (
     f"MOF charges ({mode}: {NUM_SPLITS} split(s), {EPOCHS} epochs, "
     f"{f'{MAX_CRYSTALS} crystals' if MAX_CRYSTALS else 'all 2,266 crystals'}, float32)"
@@ -366,5 +366,5 @@ ax.set_ylabel("validation MAD (e)")
 ax.set_title("MOF partial charges, split 0")
 ax.legend(fontsize=7)
 fig.tight_layout()
-fig.savefig(OUT / "mof_charges_validation.png", dpi=120)
+fig.savefig(OUT / f"mof_charges_validation_{mode}.png", dpi=120)
 print(f"figures and table in {OUT}")
