@@ -12,6 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "docs"))  # gallery_reset
 os.environ.setdefault("PLC_SMOKE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -68,6 +69,8 @@ sphinx_gallery_conf = {
     "download_all_examples": False,
     "remove_config_comments": True,
     "image_scrapers": ("matplotlib",),
-    "reset_modules": ("matplotlib",),
+    # Tutorials share one process: reset matplotlib and torch/pyro globals around each.
+    "reset_modules": ("matplotlib", "gallery_reset.reset_torch"),
+    "reset_modules_order": "both",
     "min_reported_time": 0,
 }
