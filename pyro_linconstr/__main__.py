@@ -293,6 +293,22 @@ def save_figure(path, x_hi, b, samples: dict, num_show: int, A) -> None:
 
 
 # ----------------------------------------------------------------------------- main
+class _NoBar:
+    """Stand-in for ``tqdm`` when it is not installed."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pyro_linconstr",
@@ -337,7 +353,8 @@ def main(argv=None) -> dict:
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        sys.exit("the demo needs tqdm for its progress bar: pip install tqdm")
+        print("tqdm is not installed: no progress bar (pip install tqdm)")
+        tqdm = _NoBar
     torch.set_num_threads(args.threads)
     t0 = time.time()
 

@@ -6,7 +6,6 @@ import sys
 import pytest
 
 pytest.importorskip("sklearn")
-pytest.importorskip("tqdm")
 
 
 def test_help_documents_the_options():
