@@ -47,7 +47,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 SMOKE = os.environ.get("PLC_SMOKE") == "1"
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
+# sphinx-gallery runs tutorials without __file__; fall back to the working directory
+HERE = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.getcwd()
+OUT = os.path.join(HERE, "output")
 os.makedirs(OUT, exist_ok=True)
 torch.set_default_dtype(torch.float64)
 pyro.set_rng_seed(0)
