@@ -24,3 +24,12 @@ class ConstrainedDistribution(TorchDistribution):
     @property
     def b(self) -> torch.Tensor:
         return self._b
+
+    def _flat(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., *event_shape) -> (..., n)``; subclasses set ``self._n``."""
+        k = len(self.event_shape)
+        return x.reshape(x.shape[: x.dim() - k] + (self._n,))
+
+    def _unflat(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., n) -> (..., *event_shape)``."""
+        return x.reshape(x.shape[:-1] + self.event_shape)

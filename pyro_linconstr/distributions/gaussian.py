@@ -114,13 +114,6 @@ class ConstrainedGaussian(ConstrainedDistribution):
         new._validate_args = self._validate_args
         return new
 
-    def _flat(self, x: torch.Tensor) -> torch.Tensor:
-        k = len(self.event_shape)
-        return x.reshape(x.shape[: x.dim() - k] + (self._n,))
-
-    def _unflat(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[:-1] + self.event_shape)
-
     # ------------------------------------------------------------- properties
     @property
     def support(self):

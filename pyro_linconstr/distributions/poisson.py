@@ -125,13 +125,6 @@ class ConstrainedPoisson(ConstrainedDistribution):
         new._validate_args = self._validate_args
         return new
 
-    def _flat(self, x: torch.Tensor) -> torch.Tensor:
-        k = len(self.event_shape)
-        return x.reshape(x.shape[: x.dim() - k] + (self._n,))
-
-    def _unflat(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[:-1] + self.event_shape)
-
     @property
     def rate(self) -> torch.Tensor:
         """The base's rates, flattened to ``batch_shape + (n,)``."""

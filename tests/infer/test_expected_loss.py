@@ -6,11 +6,11 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from _families import NoRsample
 from pyro import poutine
 from torch.distributions import constraints
 
 import pyro_linconstr as plc
-from pyro_linconstr.distributions import ConstrainedDistribution
 from pyro_linconstr.infer import ExpectedLoss
 from pyro_linconstr.infer.estimators import estimated_sample, expected_abs_error
 
@@ -27,35 +27,6 @@ def dense_marginals(loc, cov, A, b):
     mean = loc + K @ torch.linalg.solve(S, b - A @ loc)
     var = (cov - K @ torch.linalg.solve(S, K.T)).diagonal()
     return mean, var
-
-
-class NoRsample(ConstrainedDistribution):
-    """A constrained family without rsample (stands in for the discrete ones)."""
-
-    arg_constraints = {}
-    has_rsample = False
-
-    def __init__(self, inner):
-        self.inner = inner
-        self._A, self._b = inner.A, inner.b
-        super().__init__(inner.batch_shape, inner.event_shape, validate_args=False)
-
-    @property
-    def support(self):
-        return self.inner.support
-
-    @property
-    def mean(self):
-        return self.inner.mean
-
-    def expand(self, batch_shape, _instance=None):
-        return NoRsample(self.inner.expand(batch_shape))
-
-    def sample(self, sample_shape=torch.Size()):
-        return self.inner.sample(sample_shape)
-
-    def log_prob(self, value):
-        return self.inner.log_prob(value)
 
 
 def problem(n=4, m=2, seed=1):
