@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pyro_linconstr.datasets.paths import data_dir, require_file
+from pyro_linconstr.datasets.paths import data_dir, random_split, require_file
 
 #: ``name -> (file, nx, A, B)`` with the matrices of the data README.
 CHEMPROCESS_BENCHMARKS: dict[str, tuple[str, int, list[list[float]], list[list[float]]]] = {
@@ -168,10 +168,4 @@ def split_rows(
         >>> len(tr), len(va), len(te)
         (6, 2, 2)
     """
-    if abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) < 0:
-        raise ValueError(f"split_rows: fractions must be >= 0 and sum to 1, got {fractions}.")
-    g = torch.Generator().manual_seed(int(seed))
-    perm = torch.randperm(num_rows, generator=g)
-    n_tr = int(round(fractions[0] * num_rows))
-    n_va = int(round(fractions[1] * num_rows))
-    return perm[:n_tr], perm[n_tr : n_tr + n_va], perm[n_tr + n_va :]
+    return random_split(num_rows, seed, fractions, "split_rows")

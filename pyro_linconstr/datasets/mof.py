@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pyro_linconstr.datasets.paths import data_dir, require_file
+from pyro_linconstr.datasets.paths import data_dir, random_split, require_file
 
 MOF_FILE = "mof_charges.npz"
 NUM_ELEMENTS = 74
@@ -184,11 +184,5 @@ def split_crystals(
         >>> len(tr), len(va), len(te)
         (7, 1, 2)
     """
-    if abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) < 0:
-        raise ValueError(f"split_crystals: fractions must be >= 0 and sum to 1, got {fractions}.")
-    g = torch.Generator().manual_seed(int(seed))
-    perm = torch.randperm(num_crystals, generator=g)
-    n_tr = int(round(fractions[0] * num_crystals))
-    n_va = int(round(fractions[1] * num_crystals))
-    tr, va, te = perm[:n_tr], perm[n_tr : n_tr + n_va], perm[n_tr + n_va :]
+    tr, va, te = random_split(num_crystals, seed, fractions, "split_crystals")
     return tr.sort().values, va.sort().values, te.sort().values

@@ -1,9 +1,11 @@
-"""Where the shared data folder is."""
+"""Where the shared data folder is, and the seeded splits the loaders share."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+import torch
 
 #: Environment variable that overrides the default data folder.
 DATA_ENV_VAR = "PLC_DATA_DIR"
@@ -43,3 +45,16 @@ def require_file(path: Path, what: str) -> Path:
             f"{DATA_ENV_VAR} (default: ../shared/data next to the repository)."
         )
     return path
+
+
+def random_split(
+    num: int, seed: int, fractions: tuple[float, float, float], what: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded train/validation/test partition of ``range(num)`` (``what`` names the caller)."""
+    if abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) < 0:
+        raise ValueError(f"{what}: fractions must be >= 0 and sum to 1, got {fractions}.")
+    g = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(num, generator=g)
+    n_tr = int(round(fractions[0] * num))
+    n_va = int(round(fractions[1] * num))
+    return perm[:n_tr], perm[n_tr : n_tr + n_va], perm[n_tr + n_va :]
