@@ -53,11 +53,18 @@ import pyro_linconstr as plc
 from pyro_linconstr.datasets import load_chemprocess, split_rows
 
 SMOKE = os.environ.get("PLC_SMOKE", "0") not in ("", "0")
-RUNS = int(os.environ.get("PLC_CHEM_RUNS", 2 if SMOKE else 5))
+RUNS = int(os.environ.get("PLC_CHEM_RUNS", 2 if SMOKE else 10))
 EPOCHS = int(os.environ.get("PLC_CHEM_EPOCHS", 15 if SMOKE else 150))
 BATCH, LR, HIDDEN, PENALTY = 64, 1e-3, 64, 1.0
 OUT = Path(__file__).resolve().parent / "output" if "__file__" in globals() else Path("output")
 OUT.mkdir(parents=True, exist_ok=True)
+# process-wide settings, restored at the end (sphinx-gallery runs every
+# tutorial in one process)
+_saved = (
+    torch.get_num_threads(),
+    torch.get_default_dtype(),
+    torch.distributions.Distribution._validate_args,
+)
 torch.set_num_threads(int(os.environ.get("PLC_THREADS", 1)))
 torch.set_default_dtype(torch.float64)
 torch.distributions.Distribution.set_default_validate_args(False)
@@ -297,3 +304,7 @@ axes[0].legend(fontsize=6)
 fig.tight_layout()
 fig.savefig(OUT / f"chemical_process_validation_{mode}.png", dpi=120)
 print(f"figures and table in {OUT}")
+
+torch.set_num_threads(_saved[0])
+torch.set_default_dtype(_saved[1])
+torch.distributions.Distribution.set_default_validate_args(_saved[2])

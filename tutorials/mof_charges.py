@@ -67,6 +67,9 @@ BATCH_CRYSTALS = 32
 CHANNELS, STEPS, LR = 32, 4, 0.005
 OUT = Path(__file__).resolve().parent / "output" if "__file__" in globals() else Path("output")
 OUT.mkdir(parents=True, exist_ok=True)
+# process-wide settings, restored at the end (sphinx-gallery runs every
+# tutorial in one process)
+_saved = (torch.get_num_threads(), torch.distributions.Distribution._validate_args)
 torch.set_num_threads(int(os.environ.get("PLC_THREADS", 1)))
 torch.distributions.Distribution.set_default_validate_args(False)
 
@@ -368,3 +371,6 @@ ax.legend(fontsize=7)
 fig.tight_layout()
 fig.savefig(OUT / f"mof_charges_validation_{mode}.png", dpi=120)
 print(f"figures and table in {OUT}")
+
+torch.set_num_threads(_saved[0])
+torch.distributions.Distribution.set_default_validate_args(_saved[1])
