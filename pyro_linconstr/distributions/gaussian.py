@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch.distributions import (
@@ -120,8 +121,13 @@ class ConstrainedGaussian(ConstrainedDistribution):
         return affine_subspace(self._A, self._b, self.event_shape)
 
     @lazy_property
+    def _r_loc(self) -> torch.Tensor:
+        """``b - A loc``, shared by :attr:`mean`, :meth:`rsample` and :meth:`log_prob`."""
+        return self._cond.residual(self._loc)
+
+    @lazy_property
     def mean(self) -> torch.Tensor:
-        return self._unflat(self._cond.mean(self._loc))
+        return self._unflat(self._cond.mean(self._loc, self._r_loc))
 
     @lazy_property
     def variance(self) -> torch.Tensor:
@@ -135,7 +141,11 @@ class ConstrainedGaussian(ConstrainedDistribution):
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)[: len(sample_shape) + len(self.batch_shape)]
         y = self._cond.base_sample(self._loc, shape)
-        return self._unflat(self._cond.condition(y))
+        x = self._unflat(self._cond.condition(y))
+        # our own, unmodified sample is on the support by construction: log_prob
+        # skips re-validating it (the common case of a Pyro site scored after sampling)
+        self._own_sample = (weakref.ref(x), x._version)
+        return x
 
     # ----------------------------------------------------------------- density
     def _base_log_prob(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,11 +159,15 @@ class ConstrainedGaussian(ConstrainedDistribution):
             return d.log_prob(x)
         return MultivariateNormal(self._loc, scale_tril=p["tril"], validate_args=False).log_prob(x)
 
+    def _is_own_sample(self, value: torch.Tensor) -> bool:
+        own = getattr(self, "_own_sample", None)
+        return own is not None and own[0]() is value and value._version == own[1]
+
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
+        if self._validate_args and not self._is_own_sample(value):
             self._validate_sample(value)
         x = self._flat(value)
-        return self._base_log_prob(x) - self._cond.log_normalizer(self._loc)
+        return self._base_log_prob(x) - self._cond.log_normalizer(self._r_loc)
 
     def entropy(self) -> torch.Tensor:
         p = self._params

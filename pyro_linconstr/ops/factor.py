@@ -237,22 +237,33 @@ class Conditioning:
         U_r, s_r = self.row_map
         return (U_r.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1) / s_r
 
-    def _correct(self, y: torch.Tensor) -> torch.Tensor:
-        """``y + Sigma A^T S^{-1} (b - A y)`` (differentiable)."""
-        yw = y.to(self.wd)
-        r = self.b - self.A.matvec(yw)
-        return (yw + self._gain(r)).to(self.dtype)
+    def residual(self, loc: torch.Tensor) -> torch.Tensor:
+        """``b - A loc`` over the kept rows, in the working dtype (differentiable)."""
+        return self.b - self.A.matvec(loc.to(self.wd))
+
+    def mean(self, loc: torch.Tensor, r_loc: torch.Tensor) -> torch.Tensor:
+        """``loc + Sigma A^T S^{-1} (b - A loc)``, given ``r_loc = residual(loc)``."""
+        return self._plus_gain(loc.to(self.wd), r_loc).to(self.dtype)
+
+    def _plus_gain(self, y: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """``y + Sigma A^T S^{-1} r`` in the working dtype (one fused op for a diagonal S)."""
+        if self.gram_diag is not None:
+            return torch.addcmul(y, self.gain_weights, self.A.rmatvec(r))
+        return y + self._sigma_At(self._solve(r))
 
     def condition(self, y: torch.Tensor) -> torch.Tensor:
-        """Map an unconstrained draw ``y`` to the exact constrained sample.
+        """Map an unconstrained draw ``y ~ N(loc, Sigma)`` to the exact constrained sample.
 
-        After the Matheron update, iterative refinement with the residual of
-        the original ``A`` in float64: one step always, up to two more while
-        a row exceeds ``2 sqrt(n) eps (|A||x| + |b|)`` (a diagonal ``S``, as
-        for a :class:`GroupSum`, is solved elementwise and one step suffices).
-        The refinement is applied without gradient (zero in exact arithmetic).
+        Matheron's update ``x = y + Sigma A^T S^{-1} (b - A y)``, then
+        iterative refinement with the residual of the original ``A`` in
+        float64: one step always, up to two more while a row exceeds
+        ``2 sqrt(n) eps (|A||x| + |b|)`` (a diagonal ``S``, as for a
+        :class:`GroupSum`, is solved elementwise and one step suffices). The
+        refinement is applied in place without gradient (it is zero in exact
+        arithmetic).
         """
-        x = self._correct(y)
+        yw = y.to(self.wd)
+        x = self._plus_gain(yw, self.b - self.A.matvec(yw)).to(self.dtype)
         with torch.no_grad():
             A64 = self.A_orig.to(torch.float64)
             b64 = self.b_orig.to(torch.float64)
@@ -265,19 +276,18 @@ class Conditioning:
                     if bool((r.abs() <= tol).all()):
                         break
                 # in place, outside autograd: x's graph is that of the Matheron update
-                x.add_(self._gain(self._effective_residual(r).to(self.wd)).to(self.dtype))
+                r_eff = self._effective_residual(r).to(self.wd)
+                if self.gram_diag is not None and self.wd == self.dtype:
+                    x.addcmul_(self.gain_weights, self.A.rmatvec(r_eff))
+                else:
+                    x.add_(self._gain(r_eff).to(self.dtype))
         return x
-
-    def mean(self, loc: torch.Tensor) -> torch.Tensor:
-        return self._correct(loc)
 
     def base_sample(self, loc: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """A reparametrized draw ``y ~ N(loc, Sigma)`` of shape ``shape + (n,)``."""
-        p = self.params
-        dev = self.b_orig.device
         if self.kind == "diag":
-            eps = torch.randn(shape + (self.n,), dtype=self.dtype, device=dev)
-            return torch.addcmul(loc, p["scale"], eps)
+            eps = torch.randn(shape + (self.n,), dtype=self.dtype, device=self.b_orig.device)
+            return torch.addcmul(loc, self.params["scale"], eps)
         return loc + self._base_noise(shape)
 
     def _base_noise(self, shape: torch.Size) -> torch.Tensor:
@@ -356,10 +366,12 @@ class Conditioning:
                 self._constraint_logdet = self.A.gram_logdet().to(self.dtype)
         return self._constraint_logdet
 
-    def log_normalizer(self, loc: torch.Tensor) -> torch.Tensor:
-        """``log N(b; A loc, S) + 1/2 log det(A A^T)``: what ``log_prob`` subtracts."""
-        r = self.b - self.A.matvec(loc.to(self.wd))
-        quad = r * self._solve(r)
+    def log_normalizer(self, r_loc: torch.Tensor) -> torch.Tensor:
+        """``log N(b; A loc, S) + 1/2 log det(A A^T)`` from ``r_loc = b - A loc``.
+
+        This is what ``log_prob`` subtracts from the base log-density.
+        """
+        quad = r_loc * self._solve(r_loc)
         out = -0.5 * quad.sum(-1) - 0.5 * self.rank * _LOG_2PI
         return out.to(self.dtype) - 0.5 * self.gram_logdet() + 0.5 * self.constraint_logdet()
 

@@ -446,3 +446,19 @@ def test_group_sum_lowrank_variance_never_densifies():
     if singletons.numel():
         pinned = torch.isin(groups, singletons)
         assert v[pinned].abs().max() < 1e-12
+
+
+def test_log_prob_validates_values_it_did_not_draw():
+    d = plc.constrain(
+        dist.Normal(torch.zeros(4), 1.0).to_event(1), torch.ones(1, 4), torch.zeros(1)
+    )
+    x = d.rsample()
+    d.log_prob(x)  # its own sample: valid by construction
+    x2 = x.detach().clone()
+    x2[0] += 1.0
+    with pytest.raises(ValueError, match="support"):
+        d.log_prob(x2)
+    with torch.no_grad():
+        x[0] += 1.0  # modified in place after sampling: validated again
+    with pytest.raises(ValueError, match="support"):
+        d.log_prob(x)
