@@ -26,6 +26,7 @@ def paired_times(baseline, candidate, repeats: int = 15, warmup: int = 2) -> tup
     """Median seconds of ``baseline()`` and ``candidate()``, run alternately.
 
     Alternating the two keeps a busy machine's slow spells from landing on one side only.
+    The ratio to report is :func:`paired_ratio` of the same pairs.
     """
     for _ in range(warmup):
         baseline()
@@ -34,4 +35,11 @@ def paired_times(baseline, candidate, repeats: int = 15, warmup: int = 2) -> tup
     for _ in range(repeats):
         tb.append(median_time(baseline, repeats=1, warmup=0))
         tc.append(median_time(candidate, repeats=1, warmup=0))
+    paired_times.last_ratios = [c / b for b, c in zip(tb, tc)]
     return statistics.median(tb), statistics.median(tc)
+
+
+def paired_ratio() -> tuple[float, float, float]:
+    """Median and quartiles of candidate/baseline over the last :func:`paired_times` pairs."""
+    q = statistics.quantiles(paired_times.last_ratios, n=4)
+    return statistics.median(paired_times.last_ratios), q[0], q[2]
