@@ -17,7 +17,7 @@ from torch.distributions.utils import lazy_property
 from pyro_linconstr.constraints import affine_subspace
 from pyro_linconstr.distributions.base import ConstrainedDistribution
 from pyro_linconstr.distributions.registry import register_constrain
-from pyro_linconstr.ops.factor import Conditioning, check_rhs
+from pyro_linconstr.ops.factor import Conditioning, constraint_batch_shape
 from pyro_linconstr.ops.operators import LinearOperator
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -73,19 +73,7 @@ class ConstrainedGaussian(ConstrainedDistribution):
     def __init__(self, base, A: LinearOperator, b: torch.Tensor, validate_args=None) -> None:
         kind, loc, params, base_batch, event_shape = _parse_base(base)
         n = loc.shape[-1]
-        if A.num_cols != n:
-            raise ValueError(
-                f"constrain: A has {A.num_cols} columns but the base's event "
-                f"{tuple(event_shape)} has n = {n} entries; A must have shape (..., m, {n})."
-            )
-        check_rhs(A, b)
-        try:
-            batch_shape = torch.broadcast_shapes(base_batch, A.batch_shape, b.shape[:-1])
-        except RuntimeError:
-            raise ValueError(
-                f"constrain: batch shapes do not broadcast: base {tuple(base_batch)}, "
-                f"A {tuple(A.batch_shape)}, b {tuple(b.shape[:-1])}."
-            ) from None
+        batch_shape = constraint_batch_shape(A, b, n, base_batch, event_shape)
         if validate_args is not False and torch.distributions.Distribution._validate_args:
             _check_params(kind, loc, params)
         self._kind = kind

@@ -10,7 +10,7 @@ from torch.distributions.utils import lazy_property
 
 from pyro_linconstr.distributions.base import ConstrainedDistribution
 from pyro_linconstr.distributions.registry import register_constrain
-from pyro_linconstr.ops.factor import check_rhs
+from pyro_linconstr.ops.factor import constraint_batch_shape
 from pyro_linconstr.ops.groups import (
     GroupLayout,
     _GroupSumSupport,
@@ -75,21 +75,9 @@ class ConstrainedPoisson(ConstrainedDistribution):
     def __init__(self, base, A: LinearOperator, b: torch.Tensor, validate_args=None) -> None:
         rate, base_batch, event_shape = _parse_poisson(base)
         n = rate.shape[-1]
-        if A.num_cols != n:
-            raise ValueError(
-                f"constrain: A has {A.num_cols} columns but the base's event "
-                f"{tuple(event_shape)} has n = {n} entries; A must have shape (..., m, {n})."
-            )
+        batch_shape = constraint_batch_shape(A, b, n, base_batch, event_shape)
         layout = GroupLayout.from_operator(A, "Poisson")
-        check_rhs(A, b)
         totals = check_totals(b, "Poisson")
-        try:
-            batch_shape = torch.broadcast_shapes(base_batch, A.batch_shape, b.shape[:-1])
-        except RuntimeError:
-            raise ValueError(
-                f"constrain: batch shapes do not broadcast: base {tuple(base_batch)}, "
-                f"A {tuple(A.batch_shape)}, b {tuple(b.shape[:-1])}."
-            ) from None
         if validate_args is not False and torch.distributions.Distribution._validate_args:
             if not bool(torch.isfinite(rate).all()) or bool((rate < 0).any()):
                 raise ValueError(

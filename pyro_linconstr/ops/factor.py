@@ -79,6 +79,30 @@ def check_rhs(A: LinearOperator, b: torch.Tensor, *, finite: bool = True) -> Non
             raise ValueError("constrain: A has non-finite entries (nan or inf).")
 
 
+def constraint_batch_shape(
+    A: LinearOperator, b: torch.Tensor, n: int, base_batch: torch.Size, event_shape: torch.Size
+) -> torch.Size:
+    """Check ``A`` and ``b`` against a base with ``n`` event entries; return the batch shape.
+
+    Shared by every constrained family: ``A`` must have ``n`` columns, ``b`` its
+    ``m`` rows (finite), and the leading dims of the base, ``A`` and ``b`` must
+    broadcast.
+    """
+    if A.num_cols != n:
+        raise ValueError(
+            f"constrain: A has {A.num_cols} columns but the base's event "
+            f"{tuple(event_shape)} has n = {n} entries; A must have shape (..., m, {n})."
+        )
+    check_rhs(A, b)
+    try:
+        return torch.broadcast_shapes(base_batch, A.batch_shape, b.shape[:-1])
+    except RuntimeError:
+        raise ValueError(
+            f"constrain: batch shapes do not broadcast: base {tuple(base_batch)}, "
+            f"A {tuple(A.batch_shape)}, b {tuple(b.shape[:-1])}."
+        ) from None
+
+
 def _cast_params(params: dict, dtype: torch.dtype) -> dict:
     return {k: v.to(dtype) for k, v in params.items()}
 
