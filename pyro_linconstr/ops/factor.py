@@ -110,7 +110,7 @@ def _cast_params(params: dict, dtype: torch.dtype) -> dict:
 class Conditioning:
     """Factorized conditioning of a Gaussian ``(kind, params)`` on ``A x = b``.
 
-    ``kind`` is ``"diag"`` (``params = {var}``), ``"lowrank"``
+    ``kind`` is ``"diag"`` (``params = {var, scale}``), ``"lowrank"``
     (``{factor, diag}``) or ``"full"`` (``{tril}``).
     """
 
@@ -135,19 +135,19 @@ class Conditioning:
             return
         S = self._gram(A, self.params)
         if A.diagonal_gram and self.kind == "diag":
-            self.mask = S > 0
-            if not bool(self.mask.all()):
-                if bool(((self.b != 0) & ~self.mask).any()):
-                    raise ValueError(
-                        "constrain: inconsistent b: a group with no entries has a nonzero "
-                        "target sum; remove the empty group or set its b to 0."
-                    )
-            if int(self.mask.sum(-1).min()) >= self.n:
+            self.mask = S > 0  # an empty group has S_g = 0: its row is dropped
+            all_kept = bool(self.mask.all())  # the only synchronization in the common case
+            if not all_kept and bool(((self.b != 0) & ~self.mask).any()):
+                raise ValueError(
+                    "constrain: inconsistent b: a group with no entries has a nonzero "
+                    "target sum; remove the empty group or set its b to 0."
+                )
+            if A.num_rows >= self.n and int(self.mask.sum(-1).min()) >= self.n:
                 raise ValueError(
                     "constrain: m >= n after dropping empty groups: the constraint "
                     "determines x completely; there is nothing to sample."
                 )
-            if bool(self.mask.all()):
+            if all_kept:
                 self.mask = None
             self.gram_diag = S
             # Kalman gain weights s_i / S_g(i); a singleton group gets exactly 1.
