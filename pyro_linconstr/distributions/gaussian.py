@@ -82,7 +82,6 @@ class ConstrainedGaussian(ConstrainedDistribution):
         self._params = params  # unexpanded: a shared covariance is factored once
         self._A = A
         self._b = b.expand(batch_shape + b.shape[-1:])
-        self._base_event_shape = event_shape
         super().__init__(batch_shape, event_shape, validate_args=validate_args)
         # Factorize eagerly so that inconsistent or degenerate constraints fail here.
         self._cond = Conditioning(self._kind, self._params, A, self._b, n)
@@ -97,7 +96,6 @@ class ConstrainedGaussian(ConstrainedDistribution):
         new._params = self._params
         new._A = self._A
         new._b = self._b.expand(batch_shape + self._b.shape[-1:])
-        new._base_event_shape = self._base_event_shape
         new._cond = self._cond.expand(batch_shape)
         super(ConstrainedGaussian, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args

@@ -273,7 +273,7 @@ class Conditioning:
         """``y + Sigma A^T S^{-1} r`` in the working dtype (one fused op for a diagonal S)."""
         if self.gram_diag is not None:
             return torch.addcmul(y, self.gain_weights, self.A.rmatvec(r))
-        return y + self._sigma_At(self._solve(r))
+        return y + self._gain(r)
 
     def condition(self, y: torch.Tensor) -> torch.Tensor:
         """Map an unconstrained draw ``y ~ N(loc, Sigma)`` to the exact constrained sample.
