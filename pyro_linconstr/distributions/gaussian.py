@@ -226,7 +226,8 @@ def _check_params(kind: str, loc: torch.Tensor, params: dict) -> None:
         raise ValueError("constrain: the base's cov_factor has non-finite entries.")
     raise ValueError(
         f"constrain: the base's {what} must be finite and > 0 (non-positive or "
-        "non-finite variances); add a floor, e.g. softplus(raw) + 1e-6."
+        "non-finite variances); use a positive parametrisation, e.g. a log-variance "
+        "head exp(raw) or softplus(raw) + 1e-6."
     )
 
 
