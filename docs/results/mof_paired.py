@@ -1,0 +1,49 @@
+"""Paired MAD differences against the projection, pooled over MOF tutorial logs.
+
+``tutorials/mof_charges.py`` prints one line ``split K METHOD MAD X ...`` per
+run. Runs of the same split start from the same network, so the difference
+``MAD(method) - MAD(projection)`` on one split is a paired comparison. This
+script pools those lines over several logs (for example a full run of splits
+0-2 and a run of splits 3-9 with ``PLC_MOF_FIRST_SPLIT=3``) and prints, for
+every method, the mean difference ± its standard error, the paired t
+statistic, and on how many splits the method beat the projection.
+
+Usage::
+
+    python docs/results/mof_paired.py docs/results/mof_charges_full.log \
+        docs/results/mof_charges_splits3to9.log
+"""
+
+import re
+import statistics
+import sys
+
+LINE = re.compile(r"^split (\d+) (\w+)\s+MAD ([0-9.]+)")
+
+
+def main(paths: list[str]) -> None:
+    mad: dict[str, dict[int, float]] = {}
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                m = LINE.match(line)
+                if m:
+                    mad.setdefault(m.group(2), {})[int(m.group(1))] = float(m.group(3))
+    base = mad["projection"]
+    print(f"paired MAD difference against the projection (e), logs: {', '.join(paths)}")
+    print(f"{'method':14s} {'splits':>6s} {'mean diff':>10s} {'s.e.':>8s} {'t':>6s} {'better':>7s}")
+    for method, runs in mad.items():
+        splits = sorted(set(runs) & set(base))
+        if method == "projection" or len(splits) < 2:
+            continue
+        d = [runs[s] - base[s] for s in splits]
+        se = statistics.stdev(d) / len(d) ** 0.5
+        mean = statistics.fmean(d)
+        t = mean / se if se > 0 else float("nan")
+        wins = sum(x < 0 for x in d)
+        print(f"{method:14s} {len(d):6d} {mean:+10.5f} {se:8.5f} {t:6.2f} {wins:3d}/{len(d):<3d}")
+    print("splits per method: " + ", ".join(f"{k} {sorted(v)}" for k, v in mad.items()))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
