@@ -32,8 +32,9 @@ to rounding error.
 Data: the DDEC charges of 2,266 CoRE MOF crystals of Raza, Sturluson, Simon &
 Fern, *J. Phys. Chem. C* 124 (2020) 19070 (``../shared/data/mof_charges.npz``).
 Set ``PLC_SMOKE=1`` for a quick run (a few hundred crystals, few epochs); the
-full mode (3 splits x 7 methods x 300 epochs) takes about 70 minutes on two CPU
-cores, with two runs at a time (``PLC_WORKERS``). ``PLC_MOF_SPLITS``,
+full mode (3 splits x 7 methods x 300 epochs) takes 60-90 minutes on two CPU
+cores, with two runs at a time (``PLC_WORKERS``); each run takes about 5 minutes
+on a core of its own. ``PLC_MOF_SPLITS``,
 ``PLC_MOF_EPOCHS``, ``PLC_MOF_FIRST_SPLIT`` and ``PLC_MOF_METHODS`` change the
 budget.
 """
