@@ -6,7 +6,8 @@ run. Runs of the same split start from the same network, so the difference
 script pools those lines over several logs (for example a full run of splits
 0-2 and a run of splits 3-9 with ``PLC_MOF_FIRST_SPLIT=3``) and prints, for
 every method, the mean difference ± its standard error, the paired t
-statistic, and on how many splits the method beat the projection.
+statistic, on how many splits the method beat the projection, and the mean ±
+std MAD of both over those splits.
 
 Usage::
 
@@ -21,6 +22,10 @@ import sys
 LINE = re.compile(r"^split (\d+) (\w+)\s+MAD ([0-9.]+)")
 
 
+def _mean_std(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
 def main(paths: list[str]) -> None:
     mad: dict[str, dict[int, float]] = {}
     for path in paths:
@@ -31,7 +36,10 @@ def main(paths: list[str]) -> None:
                     mad.setdefault(m.group(2), {})[int(m.group(1))] = float(m.group(3))
     base = mad["projection"]
     print(f"paired MAD difference against the projection (e), logs: {', '.join(paths)}")
-    print(f"{'method':14s} {'splits':>6s} {'mean diff':>10s} {'s.e.':>8s} {'t':>6s} {'better':>7s}")
+    print(
+        f"{'method':14s} {'splits':>6s} {'mean diff':>10s} {'s.e.':>8s} {'t':>6s} {'better':>7s}"
+        f"   {'MAD, method':>17s}   {'MAD, projection':>17s}"
+    )
     for method, runs in mad.items():
         splits = sorted(set(runs) & set(base))
         if method == "projection" or len(splits) < 2:
@@ -41,7 +49,12 @@ def main(paths: list[str]) -> None:
         mean = statistics.fmean(d)
         t = mean / se if se > 0 else float("nan")
         wins = sum(x < 0 for x in d)
-        print(f"{method:14s} {len(d):6d} {mean:+10.5f} {se:8.5f} {t:6.2f} {wins:3d}/{len(d):<3d}")
+        own = _mean_std([runs[s] for s in splits])
+        ref = _mean_std([base[s] for s in splits])
+        print(
+            f"{method:14s} {len(d):6d} {mean:+10.5f} {se:8.5f} {t:6.2f} {wins:3d}/{len(d):<3d}"
+            f"   {own:>17s}   {ref:>17s}"
+        )
     print("splits per method: " + ", ".join(f"{k} {sorted(v)}" for k, v in mad.items()))
 
 
