@@ -34,9 +34,8 @@ Fern, *J. Phys. Chem. C* 124 (2020) 19070 (``../shared/data/mof_charges.npz``).
 Set ``PLC_SMOKE=1`` for a quick run (a few hundred crystals, few epochs); the
 full mode (3 splits x 7 methods x 300 epochs) takes 60-90 minutes on two CPU
 cores, with two runs at a time (``PLC_WORKERS``); each run takes about 5 minutes
-on a core of its own. ``PLC_MOF_SPLITS``,
-``PLC_MOF_EPOCHS``, ``PLC_MOF_FIRST_SPLIT`` and ``PLC_MOF_METHODS`` change the
-budget.
+on a core of its own. ``PLC_MOF_SPLITS``, ``PLC_MOF_EPOCHS``,
+``PLC_MOF_FIRST_SPLIT`` and ``PLC_MOF_METHODS`` change the budget.
 """
 
 # %%
@@ -125,9 +124,7 @@ class GatedGraphNet(nn.Module):
         self.mu_head = nn.Linear(channels, 1)
         self.s_head = nn.Linear(channels, 1)
         self.steps = steps
-        # start every predicted standard deviation at about 0.03 e (variance
-        # 1e-3 e^2), the accuracy a trained network reaches, not at 1 e
-        nn.init.constant_(self.s_head.bias, INIT_LOG_VARIANCE)
+        nn.init.constant_(self.s_head.bias, INIT_LOG_VARIANCE)  # s about 1e-3 e^2
 
     def forward(self, element: torch.Tensor, edge_index: torch.Tensor):
         h = torch.sigmoid(self.embed(element))
