@@ -2,8 +2,12 @@
 
 Three Aspen Plus data sets published with KKT-hPINN (H. Chen, G. E. Constante
 Flores, C. Li, "Physics-informed neural networks with hard linear equality
-constraints", *Comput. Chem. Eng.* 189 (2024) 108764), see
-``chemprocess/README.md`` in the data folder. Every row satisfies the linear
+constraints", *Comput. Chem. Eng.* 189 (2024) 108764; cite it when you use
+the data). The upstream repository states no licence, so the CSVs are not
+shipped: they are downloaded on first use from ``li-group/KKThPINN`` at a
+pinned commit, checked against pinned SHA-256s and cached
+(:mod:`pyro_linconstr.datasets.fetch`); ``PLC_DATA_DIR`` or ``path=`` point
+at a local copy instead. Every row satisfies the linear
 mass balance ``A x + B y = 0``; a surrogate ``y = f(x)`` must therefore satisfy
 ``B y = -A x``, a linear law whose right-hand side differs for each row.
 
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pyro_linconstr.datasets.fetch import fetch_chemprocess
 from pyro_linconstr.datasets.paths import data_dir, random_split, require_file
 
 #: ``name -> (file, nx, A, B)`` with the matrices of the data README.
@@ -108,11 +113,21 @@ class ChemProcessData:
 def load_chemprocess(name: str, path: str | os.PathLike | None = None) -> ChemProcessData:
     """Load one chemical-process benchmark.
 
+    The CSV is looked for, in order: in ``path`` when given, else in
+    ``$PLC_DATA_DIR`` when set (a folder holding ``chemprocess/`` or the CSVs
+    themselves; nothing is downloaded then), else in the download cache
+    (:func:`~pyro_linconstr.datasets.cache_dir`, hash verified), else it is
+    downloaded from the pinned upstream commit into the cache.
+
     :param str name: ``"cstr"``, ``"plant"`` or ``"distillation"`` (case-insensitive).
     :param path: the folder holding ``chemprocess/`` (or ``chemprocess/``
-        itself); default :func:`~pyro_linconstr.datasets.data_dir`.
+        itself); default ``$PLC_DATA_DIR``, else the cache.
     :raises KeyError: for an unknown benchmark name.
-    :raises FileNotFoundError: when the CSV file is missing.
+    :raises FileNotFoundError: when ``path`` / ``$PLC_DATA_DIR`` lacks the CSV.
+    :raises ~pyro_linconstr.datasets.DownloadError: (a :class:`ConnectionError`)
+        when the CSV is not cached and cannot be downloaded, e.g. offline.
+    :raises ~pyro_linconstr.datasets.ChecksumMismatchError: when the download
+        is corrupt.
 
     Example::
 
@@ -131,8 +146,11 @@ def load_chemprocess(name: str, path: str | os.PathLike | None = None) -> ChemPr
         )
     fname, nx, A, B = CHEMPROCESS_BENCHMARKS[key]
     root = data_dir(path)
-    folder = root if (root / fname).is_file() else root / "chemprocess"
-    f = require_file(folder / fname, "load_chemprocess")
+    if root is None:
+        f = fetch_chemprocess(fname)
+    else:
+        folder = root if (root / fname).is_file() else root / "chemprocess"
+        f = require_file(folder / fname, "load_chemprocess")
     with open(f, newline="") as fh:
         reader = csv.reader(fh)
         columns = next(reader)

@@ -1,22 +1,30 @@
 """Charge-neutral partial charges of 2,266 metal-organic frameworks.
 
-The archive ``mof_charges.npz`` (see ``README-mof_charges.md`` beside it) holds
-the crystal graphs and DDEC partial charges of Raza, Sturluson, Simon & Fern
-(2020), "Message passing neural networks for partial charge assignment to
-metal-organic frameworks", *J. Phys. Chem. C* 124, 19070. The physical law is
-one linear equality per crystal: the charges of its atoms sum to zero, i.e.
-``A x = 0`` with ``A = plc.GroupSum(crystal, num_crystals)``.
+The archive ``mof_charges.npz`` ships inside the package
+(``pyro_linconstr/datasets/data/``, with ``README-mof_charges.md`` giving its
+layout, origin, MIT licence and what to cite). It holds the crystal graphs
+and DDEC partial charges of Raza, Sturluson, Simon & Fern (2020), "Message
+passing neural networks for partial charge assignment to metal-organic
+frameworks", *J. Phys. Chem. C* 124, 19070. The physical law is one linear
+equality per crystal: the charges of its atoms sum to zero, i.e. ``A x = 0``
+with ``A = plc.GroupSum(crystal, num_crystals)``.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from pyro_linconstr.datasets.paths import data_dir, random_split, require_file
+from pyro_linconstr.datasets.paths import (
+    data_dir,
+    packaged_data_dir,
+    random_split,
+    require_file,
+)
 
 MOF_FILE = "mof_charges.npz"
 NUM_ELEMENTS = 74
@@ -120,12 +128,29 @@ class MOFCharges:
         }
 
 
+def mof_file(path: str | os.PathLike | None = None) -> Path:
+    """The ``mof_charges.npz`` that :func:`load_mof_charges` reads (checked to exist).
+
+    :param path: as for :func:`load_mof_charges`.
+    :raises FileNotFoundError: when ``path`` / ``$PLC_DATA_DIR`` lacks the file.
+    """
+    root = data_dir(path)
+    if root is None:
+        return require_file(packaged_data_dir() / MOF_FILE, "load_mof_charges")
+    p = root if root.suffix == ".npz" else root / MOF_FILE
+    return require_file(p, "load_mof_charges")
+
+
 def load_mof_charges(path: str | os.PathLike | None = None) -> MOFCharges:
     """Load ``mof_charges.npz`` as torch tensors.
 
+    By default the copy shipped inside the package is read
+    (:func:`~pyro_linconstr.datasets.packaged_data_dir`); ``path`` or the
+    environment variable ``PLC_DATA_DIR`` override it.
+
     :param path: the folder holding ``mof_charges.npz`` (or the file itself);
-        default :func:`~pyro_linconstr.datasets.data_dir`.
-    :raises FileNotFoundError: when the file is missing.
+        default ``$PLC_DATA_DIR`` when set, else the shipped copy.
+    :raises FileNotFoundError: when ``path`` / ``$PLC_DATA_DIR`` lacks the file.
 
     Example::
 
@@ -136,10 +161,7 @@ def load_mof_charges(path: str | os.PathLike | None = None) -> MOFCharges:
         >>> float(d.net_charge().abs().max()) <= 3.2e-5 + 1e-12  # doctest: +SKIP
         True
     """
-    p = data_dir(path)
-    if p.suffix != ".npz":
-        p = p / MOF_FILE
-    require_file(p, "load_mof_charges")
+    p = mof_file(path)
     with np.load(p, allow_pickle=False) as z:
         node_ptr = torch.from_numpy(z["node_ptr"].astype(np.int64))
         edge_ptr = torch.from_numpy(z["edge_ptr"].astype(np.int64))

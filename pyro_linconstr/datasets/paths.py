@@ -1,4 +1,12 @@
-"""Where the shared data folder is, and the seeded splits the loaders share."""
+"""Where the data are, and the seeded splits the loaders share.
+
+* Data that may be redistributed ship inside the package
+  (:func:`packaged_data_dir`: the MOF charges and their README).
+* Data that may not are downloaded on first use and cached
+  (:mod:`pyro_linconstr.datasets.fetch`).
+* ``$PLC_DATA_DIR`` (or a loader's ``path=`` argument) overrides both: the
+  loaders then read that folder only, and never download.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +15,20 @@ from pathlib import Path
 
 import torch
 
-#: Environment variable that overrides the default data folder.
+#: Environment variable that overrides where the loaders look for data.
 DATA_ENV_VAR = "PLC_DATA_DIR"
 
 
-def data_dir(path: str | os.PathLike | None = None) -> Path:
-    """The folder holding the shared data.
+def data_dir(path: str | os.PathLike | None = None) -> Path | None:
+    """The data folder the user chose, if any.
 
-    Resolution order: ``path`` when given, else ``$PLC_DATA_DIR`` when set,
-    else ``shared/data`` beside the repository checkout (``../shared/data``
-    relative to the repository root).
+    ``path`` when given, else ``$PLC_DATA_DIR`` when set, else ``None``:
+    the loaders then use the copy shipped in the package (MOF) or the
+    download cache (chemical process). There is no default folder outside
+    the package.
 
-    :param path: an explicit folder, or ``None``.
-    :returns: the folder (it is not checked to exist; the loaders do that).
+    :param path: an explicit folder (or file), or ``None``.
+    :returns: the folder (it is not checked to exist; the loaders do that), or ``None``.
 
     Example::
 
@@ -28,21 +37,37 @@ def data_dir(path: str | os.PathLike | None = None) -> Path:
         '/tmp/somewhere'
     """
     if path is not None:
-        return Path(path)
+        return Path(path).expanduser()
     env = os.environ.get(DATA_ENV_VAR)
     if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+        return Path(env).expanduser()
+    return None
+
+
+def packaged_data_dir() -> Path:
+    """The folder inside the installed package that holds the shipped data files.
+
+    Example::
+
+        >>> from pyro_linconstr.datasets import packaged_data_dir
+        >>> (packaged_data_dir() / "mof_charges.npz").is_file()
+        True
+    """
+    return Path(__file__).resolve().parent / "data"
 
 
 def require_file(path: Path, what: str) -> Path:
     """Return ``path`` if it is a file, else raise a :class:`FileNotFoundError` that says
-    what was expected and how to point the loader at it."""
+    what was expected and where the loader looked (``path=`` or ``$PLC_DATA_DIR``)."""
     if not path.is_file():
+        env = os.environ.get(DATA_ENV_VAR)
+        now = f"{DATA_ENV_VAR}={env}" if env else "unset"
         raise FileNotFoundError(
-            f"{what}: file not found: {path}. The data are not shipped with pyro_linconstr; "
-            f"pass the folder that holds it (path=...) or set the environment variable "
-            f"{DATA_ENV_VAR} (default: ../shared/data next to the repository)."
+            f"{what}: file not found: {path}. The folder comes from the path= argument or "
+            f"{DATA_ENV_VAR} ({now}), which override the data "
+            f"shipped with or downloaded by pyro_linconstr; nothing is downloaded then. Point "
+            f"path= or {DATA_ENV_VAR} at the folder that holds the file, or leave both unset "
+            f"to use the defaults."
         )
     return path
 
