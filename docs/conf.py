@@ -2,8 +2,10 @@
 
 Build with ``sphinx-build -W -b html docs docs/_build/html``. The tutorials in
 ``../tutorials`` are executed by sphinx-gallery in smoke mode (``PLC_SMOKE=1``,
-about two minutes each); export ``PLC_SMOKE=0`` before building to render the
-full-mode results instead.
+about two minutes each) unless ``PLC_SMOKE`` is already set; export
+``PLC_SMOKE=0`` before building to render the full-mode results instead. The
+accepted values (``1/true/yes/on``, ``0/false/no/off``) are those of every
+tutorial: see ``tutorials/GALLERY_HEADER.rst``.
 """
 
 import os
@@ -13,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "docs"))  # gallery_reset
-os.environ.setdefault("PLC_SMOKE", "1")
+os.environ.setdefault("PLC_SMOKE", "1")  # smoke mode unless the caller chose
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pyro_linconstr  # noqa: E402

@@ -25,7 +25,6 @@ epochs (seconds); the full mode ten random 80/20 splits.
 # %%
 # Setup
 # -----
-import os
 import time
 from pathlib import Path
 
@@ -42,8 +41,9 @@ from pyro.optim import Adam
 from torch import nn
 
 import pyro_linconstr as plc
+from pyro_linconstr._tutorial import smoke_mode
 
-SMOKE = os.environ.get("PLC_SMOKE", "0") == "1"
+SMOKE = smoke_mode()  # PLC_SMOKE=1 (or true/yes/on): a quick run
 SPLITS = 2 if SMOKE else 10
 EPOCHS = 40 if SMOKE else 150
 HIDDEN, BATCH, LR = 64, 128, 3e-3
@@ -83,9 +83,9 @@ b = torch.ones(1, dtype=DT)
 # A small MLP outputs a mean and a standard deviation for each share. The
 # unconstrained model observes ``Normal(loc, scale).to_event(1)``; the constrained
 # model is the same code under the handler; the projection baseline observes the
-# distribution of the projected Gaussian ``P y`` (``P`` the orthogonal projection
-# onto the plane), whose density on the plane is that of ``H y`` with ``H`` an
-# orthonormal basis of the plane's directions.
+# distribution of the projected Gaussian ``plc.project(y, A, b)``,
+# ``y ~ N(loc, diag(scale^2))`` (a small helper below: the package has no such
+# family, the projection is a baseline here).
 
 
 class Net(nn.Module):
@@ -104,15 +104,20 @@ class Net(nn.Module):
         return loc, nn.functional.softplus(raw) + 1e-3
 
 
-H = torch.linalg.svd(A, full_matrices=True).Vh[1:]  # (K-1, K), orthonormal, H 1 = 0
-
-
-def project(y):
-    return y + (1 - y.sum(-1, keepdim=True)) / K
+# An orthonormal basis ``N`` (K, K-1) of the plane's directions ``{v : 1^T v = 0}``:
+# the chart ``z -> N z`` of the package's ``AffineSubspaceTransform`` with ``b = 0``,
+# read off by mapping the unit vectors back (row ``i`` is ``N^T e_i``).
+N_BASIS = plc.transforms.AffineSubspaceTransform(A, torch.zeros_like(b)).inv(torch.eye(K, dtype=DT))
 
 
 class ProjectedGaussian(dist.TorchDistribution):
-    """Distribution of ``project(y)``, ``y ~ N(loc, diag(scale^2))``, on the plane."""
+    """The distribution of ``plc.project(y, A, b)``, ``y ~ N(loc, diag(scale^2))``.
+
+    Samples are projected Gaussian draws. The density on the plane (w.r.t. its
+    surface measure, like the constrained density) is that of the orthonormal
+    coordinates ``z = N^T x`` of a point of the plane: the projection moves ``y``
+    along the normal only, so ``z = N^T y ~ N(N^T loc, N^T diag(scale^2) N)``.
+    """
 
     arg_constraints = {}
     support = dist.constraints.real_vector
@@ -122,11 +127,12 @@ class ProjectedGaussian(dist.TorchDistribution):
         super().__init__(loc.shape[:-1], loc.shape[-1:], validate_args=False)
 
     def log_prob(self, y):
-        cov = (H * self.scale.pow(2).unsqueeze(-2)) @ H.T
-        return dist.MultivariateNormal(self.loc @ H.T, covariance_matrix=cov).log_prob(y @ H.T)
+        cov = (N_BASIS.T * self.scale.pow(2).unsqueeze(-2)) @ N_BASIS
+        mvn = dist.MultivariateNormal(self.loc @ N_BASIS, covariance_matrix=cov)
+        return mvn.log_prob(y @ N_BASIS)
 
     def sample(self, sample_shape=torch.Size()):
-        return project(dist.Normal(self.loc, self.scale).sample(sample_shape))
+        return plc.project(dist.Normal(self.loc, self.scale).sample(sample_shape), A, b)
 
 
 def make_model(kind, net):
@@ -155,7 +161,7 @@ def predictive(kind, net, x):
     loc, scale = net(x)
     base = dist.Normal(loc, scale).to_event(1)
     if kind == "projection":
-        return ProjectedGaussian(loc, scale), project(loc)
+        return ProjectedGaussian(loc, scale), plc.project(loc, A, b)
     if kind == "unconstrained":
         # Its own conditional on the plane, used only to score it; its prediction is loc.
         return plc.constrain(base, A, b), loc

@@ -50,11 +50,12 @@ import torch
 from torch import nn
 
 import pyro_linconstr as plc
+from pyro_linconstr._tutorial import env_int, env_subset, smoke_mode
 from pyro_linconstr.datasets import load_chemprocess, split_rows
 
-SMOKE = os.environ.get("PLC_SMOKE", "0") not in ("", "0")
-RUNS = int(os.environ.get("PLC_CHEM_RUNS", 2 if SMOKE else 10))
-EPOCHS = int(os.environ.get("PLC_CHEM_EPOCHS", 15 if SMOKE else 150))
+SMOKE = smoke_mode()  # PLC_SMOKE=1 (or true/yes/on): a quick run
+RUNS = env_int("PLC_CHEM_RUNS", 2 if SMOKE else 10, minimum=1)
+EPOCHS = env_int("PLC_CHEM_EPOCHS", 15 if SMOKE else 150, minimum=1)
 BATCH, LR, HIDDEN, PENALTY = 64, 1e-3, 64, 1.0
 INIT_LOG_VARIANCE = -9.2  # about log 1e-4; see the models below
 OUT = Path(__file__).resolve().parent / "output" if "__file__" in globals() else Path("output")
@@ -66,7 +67,7 @@ _saved = (
     torch.get_default_dtype(),
     torch.distributions.Distribution._validate_args,
 )
-torch.set_num_threads(int(os.environ.get("PLC_THREADS", 1)))
+torch.set_num_threads(env_int("PLC_THREADS", 1, minimum=1))
 torch.set_default_dtype(torch.float64)
 torch.distributions.Distribution.set_default_validate_args(False)
 
@@ -191,9 +192,8 @@ PAPER = {  # test MSE x 1e-4, mean ± std over 10 runs (the paper's Table 20)
     "expected_l2": ("4.31 ± 1.58", "0.09 ± 0.05", "1.73 ± 0.70"),
     "likelihood": ("4.31 ± 1.58", "0.09 ± 0.05", "1.73 ± 0.70"),
 }
-ONLY = os.environ.get("PLC_CHEM_METHODS")
-if ONLY:
-    METHODS = {k: v for k, v in METHODS.items() if k in ONLY.split(",")}
+# PLC_CHEM_METHODS=kkt,likelihood runs a subset
+METHODS = {k: METHODS[k] for k in env_subset("PLC_CHEM_METHODS", METHODS)}
 
 # %%
 # Training

@@ -31,7 +31,6 @@ come from the full mode (``PLC_SMOKE=0``).
 # Setup
 # -----
 import math
-import os
 import time
 from pathlib import Path
 
@@ -48,8 +47,9 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import pyro_linconstr as plc
+from pyro_linconstr._tutorial import smoke_mode
 
-SMOKE = os.environ.get("PLC_SMOKE", "0") == "1"
+SMOKE = smoke_mode()  # PLC_SMOKE=1 (or true/yes/on): a quick run
 EPOCHS = 10 if SMOKE else 200
 SEEDS = [0] if SMOKE else [0, 1, 2]
 PARTICLES = 32 if SMOKE else 500  # importance samples for the held-out log-likelihood
@@ -80,7 +80,7 @@ rows_ = torch.arange(8).repeat_interleave(8)
 cols_ = torch.arange(8).repeat(8)
 groups = (rows_ // 2) * 4 + cols_ // 2  # block index of every pixel
 A = plc.GroupSum(groups, num_groups=16)
-perm = torch.argsort(groups, stable=True)  # pixels in block order, for the projection
+perm = torch.argsort(groups, stable=True)  # pixels in block order, for the projection density
 N_PIX, M = 64, 16
 
 
@@ -118,9 +118,12 @@ fig.savefig(OUT / "vae_data.png", dpi=110)
 # image ``b``; the encoder sees ``x``. The only difference between the models
 # is the distribution of the observed site ``"x"``.
 #
-# The projection baseline needs its density on the subspace: the projected
-# Gaussian of each block is ``N(H mu_g, H diag(s_g) H^T)`` in the orthonormal
-# coordinates ``H x_g`` of the block's null space (a Helmert basis ``H``).
+# The projection baseline samples ``plc.project(y, A, b)`` for
+# ``y ~ N(loc, diag(scale^2))``, and needs the density of that projected
+# Gaussian on the subspace: the projection acts block by block, and in
+# orthonormal coordinates ``H x_g`` of a block's directions ``{v : sum v = 0}``
+# the block is ``N(H loc_g, H diag(scale_g^2) H^T)``. ``H`` is the chart of the
+# package's ``AffineSubspaceTransform`` for one block (a Helmert basis).
 
 
 def mlp(n_in, n_out):
@@ -160,11 +163,10 @@ class Decoder(nn.Module):
         return (nn.functional.softplus(out) + 1e-3,)
 
 
-H = torch.zeros(3, 4)
-for i in range(1, 4):
-    H[i - 1, :i] = 1.0
-    H[i - 1, i] = -float(i)
-    H[i - 1] /= math.sqrt(i * (i + 1))
+# (3, 4): the chart z -> H^T z of one block's sum-zero plane, read off by mapping the
+# unit vectors back (row l of H is the Helmert vector (1, .., 1, -l, 0, ..) / sqrt(l (l + 1))).
+one_block = plc.GroupSum(torch.zeros(4, dtype=torch.long), num_groups=1)
+H = plc.transforms.AffineSubspaceTransform(one_block, torch.zeros(1)).inv(torch.eye(4)).T
 
 
 def blocks(v):
@@ -172,13 +174,13 @@ def blocks(v):
     return v[..., perm].reshape(v.shape[:-1] + (M, 4))
 
 
-def project(y, b):
-    """Orthogonal projection onto ``{x : A x = b}`` (every block has 4 pixels)."""
-    return y + A.rmatvec((b - A.matvec(y)) / 4)
-
-
 class ProjectedGaussian(dist.TorchDistribution):
-    """The distribution of ``project(y, b)`` for ``y ~ N(loc, diag(scale^2))``."""
+    """The distribution of ``plc.project(y, A, b)`` for ``y ~ N(loc, diag(scale^2))``.
+
+    Samples are projected Gaussian draws; ``log_prob`` is the density on the
+    subspace (w.r.t. its surface measure, like the constrained density), a
+    product over blocks of the Gaussians of the coordinates ``H x_g``.
+    """
 
     arg_constraints = {}
     support = dist.constraints.real_vector
@@ -189,7 +191,7 @@ class ProjectedGaussian(dist.TorchDistribution):
         super().__init__(batch_shape, loc.shape[-1:], validate_args=False)
 
     def sample(self, sample_shape=torch.Size()):
-        return project(dist.Normal(self.loc, self.scale).sample(sample_shape), self.b)
+        return plc.project(dist.Normal(self.loc, self.scale).sample(sample_shape), A, self.b)
 
     def log_prob(self, x):
         c = blocks(x - self.loc) @ H.T

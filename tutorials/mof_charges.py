@@ -60,17 +60,17 @@ import torch
 from torch import nn
 
 import pyro_linconstr as plc
+from pyro_linconstr._tutorial import env_flag, env_int, env_subset, smoke_mode
 from pyro_linconstr.datasets import load_mof_charges, split_crystals
 
-SMOKE = os.environ.get("PLC_SMOKE", "0") not in ("", "0")
-NUM_SPLITS = int(os.environ.get("PLC_MOF_SPLITS", 1 if SMOKE else 3))
-FIRST_SPLIT = int(os.environ.get("PLC_MOF_FIRST_SPLIT", 0))  # splits FIRST, FIRST + 1, ...
+SMOKE = smoke_mode()  # PLC_SMOKE=1 (or true/yes/on): a quick run
+NUM_SPLITS = env_int("PLC_MOF_SPLITS", 1 if SMOKE else 3, minimum=1)
+FIRST_SPLIT = env_int("PLC_MOF_FIRST_SPLIT", 0)  # splits FIRST, FIRST + 1, ...
 SPLITS = list(range(FIRST_SPLIT, FIRST_SPLIT + NUM_SPLITS))
-EPOCHS = int(os.environ.get("PLC_MOF_EPOCHS", 10 if SMOKE else 300))
+EPOCHS = env_int("PLC_MOF_EPOCHS", 10 if SMOKE else 300, minimum=1)
 MAX_CRYSTALS = 500 if SMOKE else None
-WORKERS = int(os.environ.get("PLC_WORKERS", 1 if SMOKE else 2))  # parallel runs
-VERBOSE = os.environ.get("PLC_VERBOSE", "0") not in ("", "0")
-ONLY = os.environ.get("PLC_MOF_METHODS")  # e.g. "likelihood,raza" to run a subset
+WORKERS = env_int("PLC_WORKERS", 1 if SMOKE else 2, minimum=1)  # parallel runs
+VERBOSE = env_flag("PLC_VERBOSE")  # print every epoch's validation MAD
 BATCH_CRYSTALS = 32
 CHANNELS, STEPS, LR = 32, 4, 0.005
 INIT_LOG_VARIANCE = -7.0  # about log 1e-3; see the network below
@@ -79,7 +79,7 @@ OUT.mkdir(parents=True, exist_ok=True)
 # process-wide settings, restored at the end (sphinx-gallery runs every
 # tutorial in one process)
 _saved = (torch.get_num_threads(), torch.distributions.Distribution._validate_args)
-torch.set_num_threads(int(os.environ.get("PLC_THREADS", 1)))
+torch.set_num_threads(env_int("PLC_THREADS", 1, minimum=1))
 torch.distributions.Distribution.set_default_validate_args(False)
 
 data = load_mof_charges()
@@ -229,8 +229,8 @@ PAPER = {  # MAD, NLL (mean +- std over 10 splits), PAPER.md
 # methods whose variance head is not trained get one shared variance, fitted by
 # maximum likelihood on the validation crystals, for the NLL column
 SHARED_VARIANCE = {"unconstrained", "projection"}
-if ONLY:
-    METHODS = {k: v for k, v in METHODS.items() if k in ONLY.split(",")}
+# PLC_MOF_METHODS=likelihood,raza runs a subset
+METHODS = {k: METHODS[k] for k in env_subset("PLC_MOF_METHODS", METHODS)}
 
 # %%
 # Training and evaluation

