@@ -1,5 +1,6 @@
 """pyro_linconstr: Pyro distributions conditioned on hard linear laws ``A x = b``."""
 
+import pyro_linconstr.constraint_registry  # noqa: F401  (registers biject_to / transform_to)
 from pyro_linconstr import constraints, infer, transforms
 from pyro_linconstr.distributions import constrain, register_constrain
 from pyro_linconstr.handlers import LinearConstraint

@@ -1,7 +1,8 @@
 """The support of a constrained distribution: an affine subspace ``{x : A x = b}``.
 
 ``biject_to(affine_subspace(A, b))`` and ``transform_to(...)`` give
-:class:`~pyro_linconstr.transforms.AffineSubspaceTransform`, so AutoGuides,
+:class:`~pyro_linconstr.transforms.AffineSubspaceTransform` (registered in
+:mod:`pyro_linconstr.constraint_registry`), so AutoGuides,
 ``pyro.param(..., constraint=...)`` and HMC/NUTS work on constrained latents.
 """
 
@@ -11,19 +12,11 @@ import math
 
 import torch
 from torch.distributions import constraints as _constraints
-from torch.distributions.constraint_registry import biject_to, transform_to
 
+from pyro_linconstr.ops.numerics import OBSERVED_SLACK, exactness_constant
 from pyro_linconstr.ops.operators import LinearOperator, as_operator
 
 __all__ = ["affine_subspace", "residual_tolerance"]
-
-
-def sample_c(n: int) -> float:
-    """Exactness constant ``c = 8 sqrt(n)``.
-
-    Samples satisfy ``|A x - b| <= c eps (|A||x| + |b|)`` row by row.
-    """
-    return 8.0 * math.sqrt(n)
 
 
 def residual_tolerance(
@@ -31,17 +24,18 @@ def residual_tolerance(
     x: torch.Tensor,
     b: torch.Tensor,
     eps: float | None = None,
-    factor: float = 4.0,
+    factor: float = OBSERVED_SLACK,
 ) -> torch.Tensor:
     """Row-wise tolerance ``factor * c * eps * (|A||x| + |b|)`` for ``|A x - b|``.
 
-    ``c = 8 sqrt(n)`` is the documented exactness constant of samples; the
-    default ``factor = 4`` leaves room for values that went through a
-    round trip (a transform, a guide) in the same dtype.
+    ``c = 8 sqrt(n)`` is the documented exactness constant of samples
+    (:func:`~pyro_linconstr.ops.numerics.exactness_constant`); the default
+    ``factor = 4`` leaves room for values that went through a round trip (a
+    transform, a guide) in the same dtype.
     """
     if eps is None:
         eps = torch.finfo(x.dtype).eps
-    return factor * sample_c(A.num_cols) * eps * (A.abs_matvec(x) + b.abs())
+    return factor * exactness_constant(A.num_cols) * eps * (A.abs_matvec(x) + b.abs())
 
 
 class _AffineSubspace(_constraints.Constraint):
@@ -95,11 +89,3 @@ class _AffineSubspace(_constraints.Constraint):
 
 
 affine_subspace = _AffineSubspace
-
-
-@biject_to.register(_AffineSubspace)
-@transform_to.register(_AffineSubspace)
-def _transform_to_affine_subspace(constraint: _AffineSubspace):
-    from pyro_linconstr.transforms import AffineSubspaceTransform
-
-    return AffineSubspaceTransform(constraint.A, constraint.b, event_shape=constraint.event_shape)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch.distributions import constraints
 from torch.distributions.transforms import Transform
 
+from pyro_linconstr.constraints import affine_subspace
+from pyro_linconstr.ops.numerics import check_empty_groups, svd_solve
 from pyro_linconstr.ops.operators import GroupSum, as_operator
 
 __all__ = ["AffineSubspaceTransform"]
@@ -68,8 +68,6 @@ class AffineSubspaceTransform(Transform):
 
     @constraints.dependent_property(is_discrete=False)
     def codomain(self):
-        from pyro_linconstr.constraints import affine_subspace
-
         return affine_subspace(self.A, self.b, self.event_shape)
 
     def __eq__(self, other) -> bool:
@@ -111,26 +109,14 @@ class AffineSubspaceTransform(Transform):
 
 def _null_space(A: torch.Tensor, b: torch.Tensor):
     """``(x0, N)``: minimum-norm solution of ``A x = b`` and an orthonormal null-space basis."""
-
-    m, n = A.shape[-2:]
-    eps = torch.finfo(A.dtype).eps
-    A64 = A.to(torch.float64)
-    U, sv, Vh = torch.linalg.svd(A64, full_matrices=True)
-    ranks = (sv > 10 * eps * sv[..., :1]).sum(-1)
-    r = int(ranks.max())
-    if int(ranks.min()) != r or r >= n:
-        raise ValueError(
-            f"AffineSubspaceTransform: A must have the same rank < n across the batch "
-            f"(ranks {int(ranks.min())}..{r}, n = {n})."
-        )
-    coef = (U[..., :r].transpose(-1, -2) @ b.to(torch.float64).unsqueeze(-1)).squeeze(-1)
-    resid = b.to(torch.float64) - (U[..., :r] @ coef.unsqueeze(-1)).squeeze(-1)
-    scale = b.to(torch.float64).norm(dim=-1) + sv[..., 0] * (coef / sv[..., :r]).norm(dim=-1)
-    if bool((resid.norm(dim=-1) > 100 * math.sqrt(m) * eps * scale).any()):
-        raise ValueError("AffineSubspaceTransform: inconsistent b: A x = b has no solution.")
-    x0 = ((coef / sv[..., :r]).unsqueeze(-2) @ Vh[..., :r, :]).squeeze(-2)
-    basis = Vh[..., r:, :].transpose(-1, -2)
-    return x0.to(A.dtype), basis.to(A.dtype)
+    what = "AffineSubspaceTransform"
+    n = A.shape[-1]
+    sol = svd_solve(A, b, torch.finfo(A.dtype).eps, what, full_matrices=True)
+    r = sol.uniform_rank(what)
+    if r >= n:
+        raise ValueError(f"{what}: A has rank {r} >= n = {n}: the subspace is a point.")
+    basis = sol.Vh[..., r:, :].transpose(-1, -2)
+    return sol.x0.to(A.dtype), basis.to(A.dtype)
 
 
 class _Helmert:
@@ -143,8 +129,7 @@ class _Helmert:
 
     def __init__(self, A: GroupSum, b: torch.Tensor) -> None:
         groups, sizes = A.groups, A.group_sizes()
-        if bool(((b != 0) & (sizes == 0)).any()):
-            raise ValueError("AffineSubspaceTransform: inconsistent b: an empty group has b != 0.")
+        check_empty_groups(sizes, b, "AffineSubspaceTransform")
         self.order = torch.argsort(groups, stable=True)
         starts = torch.cumsum(sizes, 0) - sizes
         g_sorted = groups[self.order]

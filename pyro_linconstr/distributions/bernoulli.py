@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.distributions import Bernoulli, Binomial, Independent
+from torch.distributions import Bernoulli, Binomial
 from torch.distributions.utils import lazy_property
 
 from pyro_linconstr.distributions.base import ConstrainedDistribution
+from pyro_linconstr.distributions.parsing import check_constraint, parse_base, should_validate
 from pyro_linconstr.distributions.registry import register_constrain
 from pyro_linconstr.ops import dp
-from pyro_linconstr.ops.factor import constraint_batch_shape
 from pyro_linconstr.ops.groups import GroupLayout, _GroupSumSupport, check_totals, first_bad
 from pyro_linconstr.ops.operators import LinearOperator
 
@@ -81,12 +81,15 @@ class ConstrainedBernoulli(ConstrainedDistribution):
     has_rsample = False
 
     def __init__(self, base, A: LinearOperator, b: torch.Tensor, validate_args=None) -> None:
-        family, logits, count, base_batch, event_shape = _parse_base(base)
-        n = logits.shape[-1]
-        batch_shape = constraint_batch_shape(A, b, n, base_batch, event_shape)
+        parsed = parse_base(base)
+        family, logits, count = _parse_base(parsed)
+        n, event_shape = parsed.n, parsed.event_shape
+        A = A.to(parsed.dtype)
+        batch_shape = check_constraint(parsed, A, b)
         layout = GroupLayout.from_operator(A, family)
         totals = check_totals(b, family)
-        if validate_args is not False and torch.distributions.Distribution._validate_args:
+        self._init_args = (base, A, b, validate_args)
+        if should_validate(validate_args):
             if not bool(torch.isfinite(logits).all()):
                 raise ValueError("constrain: the base's logits have non-finite entries.")
             if bool((count < 0).any()) or bool((count != count.round()).any()):
@@ -249,27 +252,21 @@ def _binomial_logpmf(logits: torch.Tensor, N: torch.Tensor, x: torch.Tensor) -> 
     return torch.where(x <= N, out, torch.full_like(out, dp.NEG))
 
 
-def _parse_base(base):
-    """``(family, logits, total_count, batch_shape, event_shape)``, flattened to ``(..., n)``."""
-    inner, k = base, 0
-    while isinstance(inner, Independent):
-        k += inner.reinterpreted_batch_ndims
-        inner = inner.base_dist
-    family = "Binomial" if isinstance(inner, Binomial) else "Bernoulli"
-    if k == 0:
-        raise ValueError(
-            f"constrain: a {family} base needs an event dimension; use "
-            f"{family}(...).to_event(1) (or .to_event(k) for a k-dim event)."
+def _parse_base(parsed):
+    """``(family, logits, total_count)`` of the parsed base, flattened to ``(..., n)``."""
+    inner = parsed.inner
+    if not isinstance(inner, (Bernoulli, Binomial)):
+        raise NotImplementedError(
+            f"ConstrainedBernoulli: the base must be Bernoulli(...).to_event(k) or "
+            f"Binomial(...).to_event(k), got {type(inner).__name__}."
         )
-    full = inner.batch_shape
-    event_shape, batch_shape = full[len(full) - k :], full[: len(full) - k]
-    n = math.prod(event_shape)
-    logits = inner.logits.expand(full).reshape(batch_shape + (n,))
+    family = "Binomial" if isinstance(inner, Binomial) else "Bernoulli"
+    logits = parsed.flat(inner.logits)
     if family == "Binomial":
-        count = inner.total_count.to(logits.dtype).expand(full).reshape(batch_shape + (n,))
+        count = parsed.flat(inner.total_count.to(logits.dtype))
     else:
         count = torch.ones_like(logits)
-    return family, logits, count, batch_shape, event_shape
+    return family, logits, count
 
 
 @register_constrain(Bernoulli)

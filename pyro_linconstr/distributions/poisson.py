@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.distributions import Independent, Poisson
+from torch.distributions import Poisson
 from torch.distributions.utils import lazy_property
 
 from pyro_linconstr.distributions.base import ConstrainedDistribution
+from pyro_linconstr.distributions.parsing import check_constraint, parse_base, should_validate
 from pyro_linconstr.distributions.registry import register_constrain
-from pyro_linconstr.ops.factor import constraint_batch_shape
 from pyro_linconstr.ops.groups import (
     GroupLayout,
     _GroupSumSupport,
@@ -73,12 +73,19 @@ class ConstrainedPoisson(ConstrainedDistribution):
     has_rsample = False
 
     def __init__(self, base, A: LinearOperator, b: torch.Tensor, validate_args=None) -> None:
-        rate, base_batch, event_shape = _parse_poisson(base)
-        n = rate.shape[-1]
-        batch_shape = constraint_batch_shape(A, b, n, base_batch, event_shape)
+        parsed = parse_base(base)
+        if not isinstance(parsed.inner, Poisson):
+            raise NotImplementedError(
+                f"ConstrainedPoisson: the base must be Poisson(rate).to_event(k), got "
+                f"{type(parsed.inner).__name__}."
+            )
+        rate, n, event_shape = parsed.flat(parsed.inner.rate), parsed.n, parsed.event_shape
+        A = A.to(parsed.dtype)
+        batch_shape = check_constraint(parsed, A, b)
         layout = GroupLayout.from_operator(A, "Poisson")
         totals = check_totals(b, "Poisson")
-        if validate_args is not False and torch.distributions.Distribution._validate_args:
+        self._init_args = (base, A, b, validate_args)
+        if should_validate(validate_args):
             if not bool(torch.isfinite(rate).all()) or bool((rate < 0).any()):
                 raise ValueError(
                     "constrain: the base's rate must be finite and >= 0; add a floor, e.g. "
@@ -179,24 +186,6 @@ def _per_entry(layout: GroupLayout, per_group: torch.Tensor, fill: float = 0.0) 
     if not layout.all_covered:
         out = torch.where(layout.covered, out, torch.full_like(out, fill))
     return out
-
-
-def _parse_poisson(base):
-    """``(rate, batch_shape, event_shape)`` of ``Poisson(...).to_event(k)``, rate flattened."""
-    inner, k = base, 0
-    while isinstance(inner, Independent):
-        k += inner.reinterpreted_batch_ndims
-        inner = inner.base_dist
-    if k == 0:
-        raise ValueError(
-            "constrain: a Poisson base needs an event dimension; use "
-            "Poisson(rate).to_event(1) (or .to_event(k) for a k-dim event)."
-        )
-    full = inner.batch_shape
-    event_shape, batch_shape = full[len(full) - k :], full[: len(full) - k]
-    n = math.prod(event_shape)
-    rate = inner.rate.expand(full).reshape(batch_shape + (n,))
-    return rate, batch_shape, event_shape
 
 
 @register_constrain(Poisson)

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.distributions import Distribution, Independent
+from torch.distributions import Distribution
 
+from pyro_linconstr.distributions.parsing import parse_base
 from pyro_linconstr.ops.operators import LinearOperator, as_operator
 
 _REGISTRY: dict[type, Callable] = {}
@@ -46,14 +47,7 @@ def register_constrain(base_type: type) -> Callable[[Callable], Callable]:
     return decorator
 
 
-def _innermost(base: Distribution) -> Distribution:
-    while isinstance(base, Independent):
-        base = base.base_dist
-    return base
-
-
-def _lookup(base: Distribution) -> Callable | None:
-    inner = _innermost(base)
+def _lookup(inner: Distribution) -> Callable | None:
     for cls in type(inner).__mro__:
         if cls in _REGISTRY:
             return _REGISTRY[cls]
@@ -103,13 +97,11 @@ def constrain(
     Deep Generative Models under Hard Linear Equality Constraints",
     NeSy 2026 (arXiv:2502.05416).
     """
-    if not isinstance(base, Distribution):
-        raise TypeError(f"constrain: base must be a Distribution, got {type(base).__name__}.")
-    fn = _lookup(base)
+    parsed = parse_base(base, allow_mask=True, require_event=False)
+    fn = _lookup(parsed.inner)
     if fn is None:
-        inner = _innermost(base)
         raise NotImplementedError(
-            f"constrain: no constrained version of {type(inner).__name__} "
+            f"constrain: no constrained version of {type(parsed.inner).__name__} "
             f"(base {type(base).__name__}). Supported families: "
             f"{', '.join(supported_families())} (scalar families as .to_event(k)). "
             "Add one with @plc.register_constrain(BaseType)."
@@ -118,4 +110,7 @@ def constrain(
         raise TypeError(
             f"constrain: b must be a torch.Tensor of shape (..., m), got {type(b).__name__}."
         )
-    return fn(base, as_operator(A), b)
+    # one dtype rule for every family: A and b follow the base's dtype
+    A = as_operator(A).to(parsed.dtype)
+    d = fn(parsed.unmasked, A, b)
+    return d if parsed.mask is None else d.mask(parsed.mask)

@@ -9,8 +9,6 @@ operator never materialises its ``m x n`` matrix.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -141,7 +139,7 @@ class DenseOperator(LinearOperator):
         return self.matrix
 
     def to(self, dtype: torch.dtype) -> DenseOperator:
-        return DenseOperator(self.matrix.to(dtype))
+        return self if dtype == self.matrix.dtype else DenseOperator(self.matrix.to(dtype))
 
 
 class _SegmentSum(torch.autograd.Function):
@@ -190,7 +188,10 @@ class GroupSum(LinearOperator):
 
     :param torch.Tensor groups: integer tensor of shape ``(n,)``, the group
         index ``0 <= groups[i] < num_groups`` of entry ``i``.
-    :param int num_groups: the number of groups ``m``.
+    :param int num_groups: the number of groups ``m`` (an ``int``; groups may be empty).
+    :param dtype: the dtype of :meth:`to_dense` (default: torch's default dtype
+        when the operator is built). :func:`~pyro_linconstr.constrain` converts
+        the operator to the base's dtype with :meth:`to`.
 
     Example::
 
@@ -203,7 +204,9 @@ class GroupSum(LinearOperator):
 
     diagonal_gram = True
 
-    def __init__(self, groups: torch.Tensor, num_groups: int) -> None:
+    def __init__(
+        self, groups: torch.Tensor, num_groups: int, dtype: torch.dtype | None = None
+    ) -> None:
         groups = torch.as_tensor(groups)
         if groups.dim() != 1:
             raise ValueError(
@@ -214,6 +217,13 @@ class GroupSum(LinearOperator):
             raise ValueError(
                 f"GroupSum: groups must be an integer tensor, got dtype {groups.dtype}; "
                 "convert it with groups.long()."
+            )
+        if isinstance(num_groups, torch.Tensor) and num_groups.numel() == 1:
+            num_groups = num_groups.item()
+        if isinstance(num_groups, bool) or not float(num_groups).is_integer():
+            raise ValueError(
+                f"GroupSum: num_groups must be an integer, got {num_groups!r}; pass the number "
+                "of groups, e.g. int(groups.max()) + 1."
             )
         num_groups = int(num_groups)
         if num_groups < 1:
@@ -229,7 +239,7 @@ class GroupSum(LinearOperator):
         self.groups = groups.long()
         self.num_rows = num_groups
         self.num_cols = groups.numel()
-        self._dtype = torch.get_default_dtype()
+        self._dtype = torch.get_default_dtype() if dtype is None else dtype
         self._sizes = torch.bincount(self.groups, minlength=num_groups)
         # contiguous groups (atoms of one molecule stored together) use segment sums
         self._sorted = bool((self.groups[1:] >= self.groups[:-1]).all())
@@ -283,12 +293,18 @@ class GroupSum(LinearOperator):
         return self._gram_logdet
 
     def to_dense(self) -> torch.Tensor:
-        dense = torch.zeros(self.num_rows, self.num_cols, device=self.device)
+        dense = torch.zeros(self.num_rows, self.num_cols, dtype=self._dtype, device=self.device)
         dense[self.groups, torch.arange(self.num_cols, device=self.device)] = 1.0
         return dense
 
     def to(self, dtype: torch.dtype) -> GroupSum:
-        return self
+        """The same operator with :meth:`to_dense` in ``dtype`` (products follow their input)."""
+        if dtype == self._dtype:
+            return self
+        new = GroupSum.__new__(GroupSum)
+        new.__dict__.update(self.__dict__)
+        new._dtype = dtype
+        return new
 
 
 def as_operator(A) -> LinearOperator:
@@ -301,6 +317,3 @@ def as_operator(A) -> LinearOperator:
         f"A must be a torch.Tensor of shape (..., m, n) or a pyro_linconstr operator "
         f"such as plc.GroupSum, got {type(A).__name__}."
     )
-
-
-_LOG_2PI = math.log(2 * math.pi)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from pyro_linconstr.ops.numerics import check_empty_groups, svd_solve
 from pyro_linconstr.ops.operators import GroupSum, LinearOperator, as_operator
 
 __all__ = ["project"]
@@ -94,12 +93,7 @@ def project(x: torch.Tensor, A: torch.Tensor | LinearOperator, b: torch.Tensor) 
 
 def _groupsum_solver(A: GroupSum, b: torch.Tensor):
     sizes = A.group_sizes().to(torch.float64)
-    empty = sizes == 0
-    if bool(empty.any()) and bool((b[..., empty] != 0).any()):
-        raise ValueError(
-            "project: inconsistent b: a group with no entries has a nonzero target sum; "
-            "remove the empty group or set its b to 0."
-        )
+    empty = check_empty_groups(sizes, b, "project")
     inv = torch.where(empty, torch.zeros_like(sizes), 1.0 / sizes.clamp_min(1.0))
     return lambda r: A.rmatvec(r * inv)
 
@@ -107,21 +101,4 @@ def _groupsum_solver(A: GroupSum, b: torch.Tensor):
 def _dense_solver(A: torch.Tensor, b: torch.Tensor, orig_eps: float):
     if not bool(torch.isfinite(A).all()):
         raise ValueError("project: A has non-finite entries (nan or inf).")
-    m = A.shape[-2]
-    U, sv, Vh = torch.linalg.svd(A, full_matrices=False)
-    smax = sv[..., :1]
-    keep = sv > 10 * orig_eps * smax  # numerical rank, per batch element
-    inv_sv = torch.where(keep, 1.0 / sv.clamp_min(torch.finfo(sv.dtype).tiny), 0.0)
-    coef = (U.transpose(-1, -2) @ b.unsqueeze(-1)).squeeze(-1) * keep
-    resid = b - (U @ coef.unsqueeze(-1)).squeeze(-1)
-    scale = b.norm(dim=-1) + smax.squeeze(-1) * (coef * inv_sv).norm(dim=-1)
-    if bool((resid.norm(dim=-1) > 100 * math.sqrt(m) * orig_eps * scale).any()):
-        raise ValueError(
-            "project: inconsistent b: A y = b has no solution (b is not in the range of A)."
-        )
-
-    def correct(r: torch.Tensor) -> torch.Tensor:
-        u = (U.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1) * inv_sv
-        return (Vh.transpose(-1, -2) @ u.unsqueeze(-1)).squeeze(-1)
-
-    return correct
+    return svd_solve(A, b, orig_eps, "project").pinv_apply
