@@ -42,6 +42,10 @@ def env_flag(name: str, default: bool = False, environ: Mapping[str, str] | None
         >>> env_flag("PLC_VERBOSE", environ={})
         False
     """
+    return _read_flag(name, default, environ, on="to switch it on", off="to switch it off")
+
+
+def _read_flag(name, default, environ, on, off):
     raw = (os.environ if environ is None else environ).get(name, "")
     value = raw.strip().lower()
     if value == "":
@@ -51,8 +55,8 @@ def env_flag(name: str, default: bool = False, environ: Mapping[str, str] | None
     if value in FALSE_VALUES:
         return False
     raise ValueError(
-        f"{name}={raw!r} is not understood: use one of {', '.join(TRUE_VALUES)} to switch it "
-        f"on, or one of {', '.join(FALSE_VALUES)} (or leave it unset) to switch it off."
+        f"{name}={raw!r} is not understood: use {', '.join(TRUE_VALUES)} {on}, "
+        f"or {', '.join(FALSE_VALUES)} (or leave it unset) {off}."
     )
 
 
@@ -76,9 +80,11 @@ def smoke_mode(environ: Mapping[str, str] | None = None) -> bool:
         >>> smoke_mode({"PLC_SMOKE": "quick"})  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: PLC_SMOKE='quick' is not understood: use one of 1, true, yes, on to switch ...
+        ValueError: PLC_SMOKE='quick' is not understood: use 1, true, yes, on for the smoke run, ...
     """
-    return env_flag("PLC_SMOKE", default=False, environ=environ)
+    return _read_flag(
+        "PLC_SMOKE", False, environ, on="for the smoke run", off="for the full run (hours)"
+    )
 
 
 def env_int(
