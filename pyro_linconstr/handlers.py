@@ -12,6 +12,7 @@ from pyro.poutine.runtime import Message
 from pyro_linconstr.constraints import affine_subspace, residual_tolerance
 from pyro_linconstr.distributions.base import ConstrainedDistribution
 from pyro_linconstr.distributions.registry import constrain
+from pyro_linconstr.infer.estimators import constrained_base
 from pyro_linconstr.ops.operators import LinearOperator, as_operator
 
 __all__ = ["LinearConstraint"]
@@ -164,6 +165,10 @@ class LinearConstraint(Messenger):
         support = getattr(msg["fn"], "support", None)
         if isinstance(support, affine_subspace) and msg["value"] is not None:
             _check_observation(support, msg["value"], self.site)
+            # checked once here, with the site's name in the message: log_prob need not redo it
+            fn = constrained_base(msg["fn"])
+            if fn is not None:
+                fn.mark_valid(msg["value"])
 
 
 def _subsample(value, event_dim: int, msg: Message):

@@ -65,13 +65,16 @@ class ConstrainedGaussian(ConstrainedDistribution):
     ``A`` up to ``1e5`` and variances spanning ``1e-6`` to ``1e6``:
 
     * samples: ``|A x - b| <= c * eps * (|A| |x| + |b|)`` row by row;
-    * :attr:`variance`: with a :class:`~pyro_linconstr.GroupSum` and a
-      diagonal ``Sigma``, relative error ``<= c * eps``; otherwise absolute
-      error ``<= c * (eps * v_i + eps_64 * Sigma_ii)`` (computed in float64);
-    * :meth:`log_prob`: absolute error ``<= c * eps * (n + ||x - mean||_Sigma^2)``
-      plus ``c * eps * sqrt(n) * |mean|_Sigma`` from representing the mean
-      in ``dtype`` (a float32 problem whose ``A Sigma A^T`` is estimated to
-      be worse conditioned than about 200 is solved in float64).
+    * :attr:`variance` ``v_i``: with a :class:`~pyro_linconstr.GroupSum` and a
+      diagonal ``Sigma``, relative error ``<= c * eps`` whatever the spread of
+      the variances; otherwise absolute error
+      ``<= c * (eps * v_i + kappa * eps_64 * Sigma_ii)``, computed in float64,
+      with ``kappa = trusted_condition(float64)`` (about 1.6e5, see
+      :mod:`~pyro_linconstr.ops.conditioning`);
+    * :meth:`log_prob`: absolute error ``<= c * eps * (n + delta^2)`` in
+      float32 and ``<= c * kappa * eps * (n + delta^2)`` in float64, where
+      ``delta = ||mean - loc||_Sigma`` says how far ``b`` is from ``A loc``
+      in standard deviations (the mean itself is rounded to ``dtype``).
 
     Construct it with :func:`~pyro_linconstr.constrain`.
 
@@ -94,7 +97,7 @@ class ConstrainedGaussian(ConstrainedDistribution):
         torch.Size([2, 3])
     """
 
-    arg_constraints = {"loc": constraints.real_vector, "b": constraints.real_vector}
+    arg_constraints = {"loc": constraints.real, "b": constraints.real}
     has_rsample = True
 
     def __init__(self, base, A: LinearOperator, b: torch.Tensor, validate_args=None) -> None:

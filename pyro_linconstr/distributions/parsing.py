@@ -137,15 +137,16 @@ def _batch_mask(mask, k: int):
     """A wrapper's mask (over the inner batch) as a mask over the outer batch."""
     if not isinstance(mask, torch.Tensor) or k == 0 or mask.dim() == 0:
         return mask
-    trailing = mask.shape[max(mask.dim() - k, 0) :]
-    if any(s != 1 for s in trailing):
+    lead = mask.shape[: max(mask.dim() - k, 0)]
+    flat = mask.reshape(lead + (-1,))
+    if not bool((flat == flat[..., :1]).all()):
         raise ValueError(
             f"constrain: the base has a mask over entries of its event (mask shape "
             f"{tuple(mask.shape)}, last {k} dims are event dims); conditioning on A x = b "
-            "couples the entries, so only whole events can be masked: give the mask size 1 "
-            "in the event dims, or mask the site instead (poutine.mask)."
+            "couples the entries, so only whole events can be masked: make the mask "
+            "constant over the event dims, or mask the site instead (poutine.mask)."
         )
-    return mask.reshape(mask.shape[: max(mask.dim() - k, 0)])
+    return flat[..., 0]
 
 
 def _merge_masks(a, b):

@@ -64,6 +64,13 @@ def check_estimator(estimator: str, allowed: tuple[str, ...] = SAMPLE_ESTIMATORS
     return estimator
 
 
+def check_num_particles(num_particles: int, who: str) -> int:
+    """Return ``num_particles`` or raise a ``ValueError`` naming ``who`` (an int >= 1)."""
+    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
+        raise ValueError(f"{who}: num_particles must be an int >= 1, got {num_particles!r}.")
+    return num_particles
+
+
 def constrained_base(fn: Distribution) -> ConstrainedDistribution | None:
     """The :class:`~pyro_linconstr.distributions.ConstrainedDistribution` inside ``fn``.
 

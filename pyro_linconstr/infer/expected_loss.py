@@ -18,6 +18,7 @@ from pyro_linconstr.infer.estimators import (
     ESTIMATORS,
     ScoreBaseline,
     check_estimator,
+    check_num_particles,
     constrained_base,
     distribution_mask,
     estimated_sample,
@@ -126,10 +127,7 @@ class ExpectedLoss(ELBO):
                 "ExpectedLoss: estimator='closed_form' needs loss='l1' or 'l2'; a callable "
                 "loss has no closed form (use 'marginal', 'reparam' or 'score')."
             )
-        if not isinstance(num_particles, int) or num_particles < 1:
-            raise ValueError(
-                f"ExpectedLoss: num_particles must be an int >= 1, got {num_particles}."
-            )
+        check_num_particles(num_particles, "ExpectedLoss")
         super().__init__(
             num_particles=num_particles, vectorize_particles=vectorize_particles, **kwargs
         )

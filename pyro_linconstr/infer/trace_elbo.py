@@ -12,6 +12,7 @@ from pyro_linconstr.infer.estimators import (
     EstimatorMessenger,
     ScoreBaseline,
     check_estimator,
+    check_num_particles,
     particle_dim,
 )
 
@@ -79,6 +80,7 @@ class ConstrainedTrace_ELBO(Trace_ELBO):
         **kwargs,
     ) -> None:
         self.estimator = check_estimator(estimator)
+        check_num_particles(num_particles, "ConstrainedTrace_ELBO")
         super().__init__(
             num_particles=num_particles, vectorize_particles=vectorize_particles, **kwargs
         )

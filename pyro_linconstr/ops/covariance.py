@@ -172,6 +172,8 @@ class DiagonalCovariance(Covariance):
         return torch.where(dominant, s * w_others, s * (1 - cond.gain_weights))
 
     def check(self) -> None:
+        if self.scale.numel() == 0:
+            return
         # fast path: one reduction and one synchronization; the exact test only on failure
         with torch.no_grad():
             ok = bool((self.scale.min() > 0) & torch.isfinite(self.var.sum()))

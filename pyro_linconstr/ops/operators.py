@@ -9,6 +9,8 @@ operator never materialises its ``m x n`` matrix.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 
@@ -220,7 +222,7 @@ class GroupSum(LinearOperator):
             )
         if isinstance(num_groups, torch.Tensor) and num_groups.numel() == 1:
             num_groups = num_groups.item()
-        if isinstance(num_groups, bool) or not float(num_groups).is_integer():
+        if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
             raise ValueError(
                 f"GroupSum: num_groups must be an integer, got {num_groups!r}; pass the number "
                 "of groups, e.g. int(groups.max()) + 1."
