@@ -106,7 +106,9 @@ class ConstrainedGaussian(ConstrainedDistribution):
         A = A.to(parsed.dtype)
         batch_shape = check_constraint(parsed, A, b)
         if should_validate(validate_args):
-            if not bool(torch.isfinite(loc).all()):
+            # what arg_constraints declare, with messages that name the fix (one reduction
+            # per tensor in the common case)
+            if not bool(torch.isfinite(loc.sum())) and not bool(torch.isfinite(loc).all()):
                 raise ValueError("constrain: the base's loc has non-finite entries (nan or inf).")
             cov.check()
         self._init_args = (base, A, b, validate_args)
@@ -115,7 +117,8 @@ class ConstrainedGaussian(ConstrainedDistribution):
         self._cov = cov
         self._A = A
         self._b = b.to(parsed.dtype).expand(batch_shape + b.shape[-1:])
-        super().__init__(batch_shape, parsed.event_shape, validate_args=validate_args)
+        super().__init__(batch_shape, parsed.event_shape, validate_args=False)
+        self._validate_args = should_validate(validate_args)
         # Factorize eagerly so that inconsistent or degenerate constraints fail here.
         self._cond = Conditioning(cov, A, self._b)
 
@@ -170,7 +173,7 @@ class ConstrainedGaussian(ConstrainedDistribution):
     # ---------------------------------------------------------------- sampling
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         shape = torch.Size(sample_shape) + self.batch_shape
-        y = self._loc + self._cov.noise(shape)
+        y = self._cov.draw(self._loc, shape)
         x = self._unflat(self._cond.condition(y))
         # our own, unmodified sample is on the support by construction: log_prob
         # skips re-validating it (the common case of a Pyro site scored after sampling)
@@ -181,9 +184,14 @@ class ConstrainedGaussian(ConstrainedDistribution):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args and not self.is_marked_valid(value):
             self._validate_sample(value)
-        x = self._flat(value)
-        d = (x.to(self._mean_w.dtype) - self._mean_w).to(self._loc.dtype)
-        return self._cov.log_density(d) + self._cond.log_normalizer().to(self._loc.dtype)
+        x = self._flat(value).to(self._loc.dtype)
+        dtype = self._loc.dtype
+
+        def mean():  # in dtype, the difference x - mean taken in the working dtype
+            return x - (x.to(self._mean_w.dtype) - self._mean_w).to(dtype)
+
+        lp = self._cov.conditional_log_density(self._cond, x, self._loc, mean)
+        return lp + self._cond.log_normalizer().to(dtype)
 
     def entropy(self) -> torch.Tensor:
         cond = self._cond

@@ -7,7 +7,7 @@ the Gaussian family never ask which structure they hold (the way
 
 * :meth:`gram`: ``S = A Sigma A^T`` (its diagonal only where that is all there is);
 * :meth:`cross`: ``Sigma A^T u``, and :meth:`cross_matrix`: ``A Sigma`` (for variances);
-* :meth:`noise`: a reparametrized draw of ``N(0, Sigma)``;
+* :meth:`draw`: a reparametrized draw of ``N(loc, Sigma)``;
 * :meth:`log_density`: ``log N(d; 0, Sigma)``; :meth:`logdet`: ``log det Sigma``;
 * :meth:`diagonal`: ``diag(Sigma)``; :meth:`check`: the parameters are valid.
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from pyro_linconstr.ops.operators import LinearOperator
 
@@ -69,8 +70,8 @@ class Covariance:
         """``A Sigma``, shape ``(..., m, n)`` (the transpose of the Kalman numerator)."""
         raise NotImplementedError
 
-    def noise(self, shape: torch.Size) -> torch.Tensor:
-        """A reparametrized draw of ``N(0, Sigma)`` of shape ``shape + (n,)``."""
+    def draw(self, loc: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """A reparametrized draw of ``N(loc, Sigma)`` of shape ``shape + (n,)``."""
         raise NotImplementedError
 
     def log_density(self, d: torch.Tensor) -> torch.Tensor:
@@ -89,6 +90,19 @@ class Covariance:
         """Raise a ``ValueError`` naming the parameter when it is non-finite or not positive."""
         raise NotImplementedError
 
+    def conditional_log_density(
+        self, cond, x: torch.Tensor, loc: torch.Tensor, mean
+    ) -> torch.Tensor:
+        """``log N(x - mean; 0, Sigma)``, the density of ``x`` on the subspace up to a constant.
+
+        :param cond: the factored :class:`~pyro_linconstr.ops.conditioning.Conditioning`.
+        :param x: values ``(..., n)`` on the subspace, in this covariance's dtype.
+        :param loc: the base's mean.
+        :param mean: a callable returning the conditional mean in ``x``'s dtype
+            (a subclass may not need it).
+        """
+        return self.log_density(x - mean())
+
     def conditional_variance(self, cond) -> torch.Tensor:
         """``diag(Sigma - K S^{-1} K^T)`` with ``K = Sigma A^T``, for a factored
         :class:`~pyro_linconstr.ops.conditioning.Conditioning` ``cond`` of this
@@ -105,6 +119,36 @@ def _fail(what: str, fix: str) -> None:
 
 def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
+
+
+class _GroupQuad(torch.autograd.Function):
+    """``sum_i s_i (t_i / s_i - ubar_g(i))^2`` with ``ubar = A t / S`` (``A`` a group sum).
+
+    Backward (``sum_i s_i (u_i - ubar_g) = 0`` per group): ``d/dt_i = 2 (u_i - ubar_g)``
+    and ``d/ds_i = -(u_i - ubar_g)(u_i + ubar_g)``.
+    """
+
+    @staticmethod
+    def forward(ctx, t, s, A, S):
+        u = t / s
+        ubar = A.rmatvec(A.matvec(t) / S)
+        diff = u - ubar
+        ctx.save_for_backward(diff, u, ubar)
+        ctx.shapes = t.shape, s.shape
+        return (s * diff * diff).sum(-1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        diff, u, ubar = ctx.saved_tensors
+        t_shape, s_shape = ctx.shapes
+        g = g.unsqueeze(-1)
+        grad_t = grad_s = None
+        if ctx.needs_input_grad[0]:
+            grad_t = ((2 * g) * diff).sum_to_size(t_shape)
+        if ctx.needs_input_grad[1]:
+            grad_s = (-(g * diff) * (u + ubar)).sum_to_size(s_shape)
+        return grad_t, grad_s, None, None
 
 
 class DiagonalCovariance(Covariance):
@@ -140,9 +184,9 @@ class DiagonalCovariance(Covariance):
     def cross_matrix(self, A: LinearOperator) -> torch.Tensor:
         return A.to_dense().to(self.dtype) * self.var.unsqueeze(-2)
 
-    def noise(self, shape: torch.Size) -> torch.Tensor:
+    def draw(self, loc: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         eps = torch.randn(shape + (self.n,), dtype=self.dtype, device=self.device)
-        return self.scale * eps
+        return torch.addcmul(loc, self.scale, eps)
 
     def log_density(self, d: torch.Tensor) -> torch.Tensor:
         z = d / self.scale
@@ -153,6 +197,21 @@ class DiagonalCovariance(Covariance):
 
     def diagonal(self) -> torch.Tensor:
         return self.var
+
+    def conditional_log_density(
+        self, cond, x: torch.Tensor, loc: torch.Tensor, mean
+    ) -> torch.Tensor:
+        r"""With a diagonal ``S`` (a :class:`~pyro_linconstr.GroupSum`), in one fused step.
+
+        Per group, with ``t = x - loc``, ``u_i = t_i / s_i`` and
+        ``ubar_g = sum_g t / S_g``, the quadratic form is the weighted variance
+        ``(x - mean)^T Sigma^{-1} (x - mean) = sum_i s_i (u_i - ubar_g)^2`` (no
+        cancellation), with the analytic gradients of :class:`_GroupQuad`.
+        """
+        if cond.gram_diag is None or cond.wd != self.dtype:
+            return super().conditional_log_density(cond, x, loc, mean)
+        quad = _GroupQuad.apply(x - loc, self.var, cond.A, cond.safe_gram_diag())
+        return -0.5 * quad - self.scale.log().sum(-1) - 0.5 * self.n * _LOG_2PI
 
     def conditional_variance(self, cond) -> torch.Tensor:
         r"""With a diagonal ``S`` (a :class:`~pyro_linconstr.GroupSum`), ``O(n)``.
@@ -231,11 +290,11 @@ class LowRankCovariance(Covariance):
         KT = self._AW(A) @ self.factor.transpose(-1, -2)
         return KT + A.to_dense().to(self.dtype) * self.diag.unsqueeze(-2)
 
-    def noise(self, shape: torch.Size) -> torch.Tensor:
+    def draw(self, loc: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         r = self.factor.shape[-1]
         e1 = torch.randn(shape + (r, 1), dtype=self.dtype, device=self.device)
         e2 = torch.randn(shape + (self.n,), dtype=self.dtype, device=self.device)
-        return (self.factor @ e1).squeeze(-1) + self.diag.sqrt() * e2
+        return loc + (self.factor @ e1).squeeze(-1) + self.diag.sqrt() * e2
 
     def _torch(self):
         zero = torch.zeros((), dtype=self.dtype, device=self.device).expand(self.diag.shape)
@@ -331,9 +390,9 @@ class DenseCovariance(Covariance):
     def cross_matrix(self, A: LinearOperator) -> torch.Tensor:
         return self._AL(A) @ self.scale_tril.transpose(-1, -2)
 
-    def noise(self, shape: torch.Size) -> torch.Tensor:
+    def draw(self, loc: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         eps = torch.randn(shape + (self.n, 1), dtype=self.dtype, device=self.device)
-        return (self.scale_tril @ eps).squeeze(-1)
+        return loc + (self.scale_tril @ eps).squeeze(-1)
 
     def log_density(self, d: torch.Tensor) -> torch.Tensor:
         zero = torch.zeros((), dtype=self.dtype, device=self.device)

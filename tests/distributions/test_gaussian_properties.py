@@ -2,6 +2,7 @@
 
 import math
 
+import pyro
 import pyro.distributions as dist
 import torch
 from hypothesis import given, settings
@@ -91,7 +92,11 @@ def test_log_prob_invariant_under_invertible_row_transform(problem):
     T = torch.randn(A.shape[0], A.shape[0], generator=g, dtype=torch.float64)
     T = T + A.shape[0] * torch.eye(A.shape[0], dtype=torch.float64)  # well conditioned
     d1 = plc.constrain(base, A, b)
-    d2 = plc.constrain(base, T @ A, (T @ b.unsqueeze(-1)).squeeze(-1))
+    # x is exact for (A, b); the support check of (T A, T b) measures its residual against
+    # |T A||x| + |T b|, which can be far below |T| (|A||x| + |b|) when rows of T A cancel,
+    # so d2 scores x without re-validating it (the invariance, not the check, is tested here)
+    with pyro.validation_enabled(False):
+        d2 = plc.constrain(base, T @ A, (T @ b.unsqueeze(-1)).squeeze(-1))
     x = d1.sample((3,))
     lp1, lp2 = d1.log_prob(x), d2.log_prob(x)
     torch.testing.assert_close(lp1, lp2, rtol=1e-6, atol=1e-6 * (1 + lp1.abs().max().item()))
