@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.distributions import constraints
 from torch.distributions.transforms import Transform
 
 from pyro_linconstr.constraints import affine_subspace
+from pyro_linconstr.ops.axis_sums import AxisSums
 from pyro_linconstr.ops.numerics import check_empty_groups, svd_solve
 from pyro_linconstr.ops.operators import GroupSum, as_operator
 
@@ -23,13 +26,18 @@ class AffineSubspaceTransform(Transform):
     each group, applied in ``O(n)`` with prefix sums and never stored: the
     coordinates of group ``g`` with entries ``i_1, ..., i_k`` are
     ``z_l = (x_{i_1} + ... + x_{i_l} - l x_{i_{l+1}}) / sqrt(l (l + 1))``.
-    Because ``N`` is orthonormal, ``log_abs_det_jacobian`` is 0: a density on
-    ``z`` is the same density on the subspace w.r.t. its surface measure.
+    For an :class:`~pyro_linconstr.AxisSums`, ``N`` is the Kronecker product
+    of the Helmert bases of the summed axes (identity along the others),
+    applied axis by axis to the fibres along each summed axis, also ``O(n)``
+    (``O(n k)`` for ``k`` axes) and never stored. Because ``N`` is
+    orthonormal, ``log_abs_det_jacobian`` is 0: a density on ``z`` is the
+    same density on the subspace w.r.t. its surface measure.
     The inverse ``z = N^T (x - x0)`` is the orthogonal projection's
     coordinates, so it is also a left inverse for points slightly off the
     subspace.
 
-    :param A: tensor ``(..., m, n)`` or operator (e.g. :class:`~pyro_linconstr.GroupSum`).
+    :param A: tensor ``(..., m, n)`` or operator (e.g. :class:`~pyro_linconstr.GroupSum`,
+        :class:`~pyro_linconstr.AxisSums`).
     :param torch.Tensor b: ``(..., m)``.
     :param event_shape: shape of ``x`` (default ``(n,)``).
 
@@ -55,6 +63,10 @@ class AffineSubspaceTransform(Transform):
         dtype = b.dtype if b.is_floating_point() else torch.get_default_dtype()
         if isinstance(self.A, GroupSum):
             self._helmert = _Helmert(self.A, b.to(dtype))
+            self._x0, self.dim = self._helmert.x0, self._helmert.dim
+            return
+        if isinstance(self.A, AxisSums):  # a Helmert chart per summed axis
+            self._helmert = _AxisHelmert(self.A, b.to(dtype))
             self._x0, self.dim = self._helmert.x0, self._helmert.dim
             return
         self._helmert = None
@@ -174,3 +186,68 @@ class _Helmert:
         before = (P - xs).index_select(-1, self.owner)  # sum of the group's earlier entries
         z = (before - self.l * xs.index_select(-1, self.owner)) * self.coef
         return z.to(dtype)
+
+
+class _AxisHelmert:
+    """Orthonormal null-space coordinates of an :class:`~pyro_linconstr.AxisSums`, ``O(n k)``.
+
+    The null space of the margins over axes ``a_1 < ... < a_k`` is the
+    Kronecker product of the sum-zero spaces ``{v in R^{s_a} : sum v = 0}``
+    of the summed axes and the whole space along the others, so
+    ``N = kron(H_{a}, I_{b})`` (``H`` the ``s x (s - 1)`` Helmert basis) is
+    orthonormal. ``z`` has the event's shape with each summed axis one
+    shorter (flattened row-major); :meth:`forward` applies ``H`` along
+    ``a_1``, then ``a_2``, ..., each a :class:`_Helmert` of the fibres along
+    that axis (contiguous groups once the axis is moved last), and
+    :meth:`inverse` applies ``H^T`` in the reverse order (the intermediate
+    shapes match). ``x0 = A^T (A A^T)^{-1} b`` is the minimum-norm solution
+    (0 for ``b = 0``; otherwise one ``m x m`` Cholesky in float64).
+    """
+
+    def __init__(self, A: AxisSums, b: torch.Tensor) -> None:
+        self.A = A
+        shape, D = list(A.event_shape), len(A.event_shape)
+        for a in A.axes:
+            shape[a] -= 1
+        self.z_shape = torch.Size(shape)
+        self.dim = math.prod(shape)
+        self.stages = []  # per axis: (axis, shape of the other axes at that stage, chart)
+        for a in A.axes:
+            size = A.event_shape[a]
+            others = torch.Size(shape[:a] + shape[a + 1 :])
+            fibres = math.prod(others)
+            groups = torch.arange(fibres, device=A.device).repeat_interleave(size)
+            chart = _Helmert(GroupSum(groups, fibres), torch.zeros(fibres, dtype=b.dtype))
+            self.stages.append((a - D, others, size, chart))
+            shape[a] = size  # later axes see this one at full size
+        self.x0 = _axis_sums_x0(A, b)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        lead, dtype = z.shape[:-1], z.dtype
+        T = z.to(torch.float64).reshape(lead + self.z_shape)
+        for dim, others, size, chart in self.stages:
+            flat = T.movedim(dim, -1).reshape(lead + (-1,))
+            T = chart.forward(flat).reshape(lead + others + (size,)).movedim(-1, dim)
+        return T.reshape(lead + (self.A.num_cols,)).to(dtype)
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        lead, dtype = x.shape[:-1], x.dtype
+        T = x.to(torch.float64).reshape(lead + self.A.event_shape)
+        for dim, others, size, chart in reversed(self.stages):
+            flat = T.movedim(dim, -1).reshape(lead + (-1,))
+            T = chart.inverse(flat).reshape(lead + others + (size - 1,)).movedim(-1, dim)
+        return T.reshape(lead + (self.dim,)).to(dtype)
+
+
+def _axis_sums_x0(A: AxisSums, b: torch.Tensor) -> torch.Tensor:
+    """Minimum-norm solution ``A^T (A A^T)^{-1} b`` of the kept rows (independent: no check)."""
+    if not bool((b != 0).any()):
+        return b.new_zeros(b.shape[:-1] + (A.num_cols,))
+    ones = torch.ones(A.num_cols, dtype=torch.float64, device=b.device)
+    G = A.weighted_gram(ones)
+    b64 = b.to(torch.float64)
+    if A.diagonal_gram:
+        u = b64 / G
+    else:
+        u = torch.cholesky_solve(b64.unsqueeze(-1), torch.linalg.cholesky(G)).squeeze(-1)
+    return A.rmatvec(u).to(b.dtype)

@@ -1,5 +1,6 @@
 """Linear operators and factorizations behind the constrained families."""
 
+from pyro_linconstr.ops.axis_sums import AxisSums
 from pyro_linconstr.ops.operators import DenseOperator, GroupSum, LinearOperator, as_operator
 
-__all__ = ["DenseOperator", "GroupSum", "LinearOperator", "as_operator"]
+__all__ = ["AxisSums", "DenseOperator", "GroupSum", "LinearOperator", "as_operator"]

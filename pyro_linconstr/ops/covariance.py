@@ -221,9 +221,24 @@ class DiagonalCovariance(Covariance):
         ``s_i * (sum of the others) / S_g`` instead, which has no cancellation:
         relative error ``O(k eps)`` for a group of ``k`` entries, whatever the
         spread of the variances.
+
+        With a full ``S`` and an operator whose ``diag(A^T M A)`` is cheap
+        (:attr:`~pyro_linconstr.ops.LinearOperator.structured_quad_diag`, e.g.
+        an :class:`~pyro_linconstr.AxisSums` over several axes):
+        ``s - s^2 diag(A^T S^{-1} A)``, with ``S^{-1}`` (``m x m``) from the
+        conditioning's Cholesky factor, differentiable through ``S``; no
+        ``m x n`` matrix ``K`` is formed. The accuracy is that of the generic
+        version (both subtract ``(K S^{-1} K^T)_ii <= s_i`` from ``s_i`` in
+        the working dtype, float64 for a float32 problem).
         """
         if cond.gram_diag is None:
-            return super().conditional_variance(cond)
+            A = cond.A
+            if not A.structured_quad_diag:
+                return super().conditional_variance(cond)
+            s = self.var
+            eye = torch.eye(A.num_rows, dtype=cond.S.dtype, device=cond.S.device)
+            q = A.quad_diag(cond.solve_columns(eye))
+            return (s - s * s * q).clamp_min(0)
         s, A = self.var, cond.A
         dominant = s > 0.5 * A.rmatvec(cond.gram_diag)
         others = A.matvec(torch.where(dominant, torch.zeros_like(s), s))

@@ -18,13 +18,17 @@ class LinearOperator:
     """Interface of a (possibly batched) ``m x n`` constraint matrix.
 
     Subclasses implement :meth:`matmul`, :meth:`rmatmul`,
-    :meth:`weighted_gram`, :meth:`gram_logdet` and :meth:`to_dense`.
+    :meth:`weighted_gram`, :meth:`gram_logdet` and :meth:`to_dense`, and
+    may override :meth:`quad_diag`.
     """
 
     num_rows: int
     num_cols: int
     #: True when ``A diag(s) A^T`` is diagonal for every ``s``.
     diagonal_gram: bool = False
+    #: True when :meth:`quad_diag` never forms the ``m x n`` matrix (``O(n)`` for a
+    #: GroupSum, ``O(n k^2)`` for an AxisSums; the dense default costs ``O(m^2 n)``).
+    structured_quad_diag: bool = False
 
     @property
     def batch_shape(self) -> torch.Size:
@@ -65,6 +69,17 @@ class LinearOperator:
         else ``(..., m, m)``.
         """
         raise NotImplementedError
+
+    def quad_diag(self, M: torch.Tensor) -> torch.Tensor:
+        """``diag(A^T M A)`` for ``M`` of shape ``(..., m, m)``; returns ``(..., n)``.
+
+        The conditional variances of a diagonal Gaussian are
+        ``s - s^2 diag(A^T S^{-1} A)``. Generic version: through :meth:`to_dense`
+        (``O(m^2 n)``); structured operators override it (see
+        :attr:`structured_quad_diag`).
+        """
+        A = self.to_dense().to(M.dtype)
+        return ((M @ A) * A).sum(-2)
 
     def gram_logdet(self) -> torch.Tensor:
         """``log det(A A^T)``, shape :attr:`batch_shape`."""
@@ -130,12 +145,15 @@ class DenseOperator(LinearOperator):
         scaled = self.matrix * s.unsqueeze(-2)
         return scaled @ self.matrix.transpose(-1, -2)
 
+    def quad_diag(self, M: torch.Tensor) -> torch.Tensor:
+        return ((M @ self.matrix) * self.matrix).sum(-2)
+
     def gram_logdet(self) -> torch.Tensor:
-        gram = self.matrix @ self.matrix.transpose(-1, -2)
-        chol, info = torch.linalg.cholesky_ex(gram)
-        if bool((info != 0).any()):
-            chol = torch.linalg.cholesky(gram.double()).to(gram.dtype)
-        return 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        # in float64, without a host synchronisation: within the documented range
+        # (cond(A) <= 1e5) the float64 Cholesky of A A^T cannot fail
+        M = self.matrix.to(torch.float64)
+        chol, _ = torch.linalg.cholesky_ex(M @ M.transpose(-1, -2))
+        return (2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)).to(self.matrix.dtype)
 
     def to_dense(self) -> torch.Tensor:
         return self.matrix
@@ -205,6 +223,7 @@ class GroupSum(LinearOperator):
     """
 
     diagonal_gram = True
+    structured_quad_diag = True
 
     def __init__(
         self, groups: torch.Tensor, num_groups: int, dtype: torch.dtype | None = None
@@ -243,6 +262,9 @@ class GroupSum(LinearOperator):
         self.num_cols = groups.numel()
         self._dtype = torch.get_default_dtype() if dtype is None else dtype
         self._sizes = torch.bincount(self.groups, minlength=num_groups)
+        sizes64 = self._sizes.to(torch.float64)
+        # log det(A A^T) = sum of log group sizes over the non-empty groups
+        self._gram_logdet = torch.where(sizes64 > 0, sizes64.log(), 0.0).sum()
         # contiguous groups (atoms of one molecule stored together) use segment sums
         self._sorted = bool((self.groups[1:] >= self.groups[:-1]).all())
 
@@ -288,10 +310,11 @@ class GroupSum(LinearOperator):
     def weighted_gram(self, s: torch.Tensor) -> torch.Tensor:
         return self.matvec(s)
 
+    def quad_diag(self, M: torch.Tensor) -> torch.Tensor:
+        """``diag(A^T M A)_i = M[g(i), g(i)]``, ``O(n)``."""
+        return self.rmatvec(M.diagonal(dim1=-2, dim2=-1))
+
     def gram_logdet(self) -> torch.Tensor:
-        if not hasattr(self, "_gram_logdet"):
-            sizes = self._sizes
-            self._gram_logdet = sizes[sizes > 0].to(torch.float64).log().sum()
         return self._gram_logdet
 
     def to_dense(self) -> torch.Tensor:
