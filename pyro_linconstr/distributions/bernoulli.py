@@ -5,15 +5,26 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.distributions import Bernoulli, Binomial
+from torch.distributions import Bernoulli, Binomial, constraints
 from torch.distributions.utils import lazy_property
 
 from pyro_linconstr.distributions.base import ConstrainedDistribution
 from pyro_linconstr.distributions.parsing import check_constraint, parse_base, should_validate
 from pyro_linconstr.distributions.registry import register_constrain
 from pyro_linconstr.ops import dp
-from pyro_linconstr.ops.groups import GroupLayout, _GroupSumSupport, check_totals, first_bad
-from pyro_linconstr.ops.operators import LinearOperator
+from pyro_linconstr.ops.groups import (
+    GroupLayout,
+    _GroupSumSupport,
+    check_totals,
+    check_value,
+    first_bad,
+    log_factorial,
+)
+from pyro_linconstr.ops.operators import LinearOperator, as_operator
+
+#: A DP step over at most this many cells (batch x groups x (max total + 1) x values)
+#: runs in float64 whatever the base's dtype: it costs its per-op overhead either way.
+SMALL_DP_STEP = 2048
 
 
 class ConstrainedBernoulli(ConstrainedDistribution):
@@ -77,24 +88,37 @@ class ConstrainedBernoulli(ConstrainedDistribution):
     "SIMPLE: A Gradient Estimator for k-Subset Sampling", ICLR 2023.
     """
 
-    arg_constraints = {}
+    arg_constraints = {
+        "logits": constraints.real,
+        "total_count": constraints.nonnegative_integer,
+        "b": constraints.nonnegative_integer,
+    }
     has_rsample = False
 
     def __init__(self, base, A: LinearOperator, b: torch.Tensor, validate_args=None) -> None:
         parsed = parse_base(base)
         family, logits, count = _parse_base(parsed)
         n, event_shape = parsed.n, parsed.event_shape
-        A = A.to(parsed.dtype)
+        A = as_operator(A).to(parsed.dtype)
         batch_shape = check_constraint(parsed, A, b)
         layout = GroupLayout.from_operator(A, family)
-        totals = check_totals(b, family)
+        totals = check_totals(b, family, parsed.dtype)
         self._init_args = (base, A, b, validate_args)
         if should_validate(validate_args):
-            if not bool(torch.isfinite(logits).all()):
-                raise ValueError("constrain: the base's logits have non-finite entries.")
-            if bool((count < 0).any()) or bool((count != count.round()).any()):
+            bad = torch.stack(
+                [
+                    (~torch.isfinite(logits)).any(),
+                    ((count < 0) | (count != count.round()) | ~torch.isfinite(count)).any(),
+                ]
+            ).tolist()  # one sync
+            if bad[0]:
                 raise ValueError(
-                    "constrain: the base's total_count must hold non-negative integers."
+                    "constrain: the base's logits (or probs) have non-finite entries (nan or "
+                    "inf); probs must lie in [0, 1]."
+                )
+            if bad[1]:
+                raise ValueError(
+                    "constrain: the base's total_count must hold finite non-negative integers."
                 )
         self._family = family
         self._n = n
@@ -105,7 +129,7 @@ class ConstrainedBernoulli(ConstrainedDistribution):
         self._A = A
         self._b = b.to(logits.dtype).expand(batch_shape + b.shape[-1:])
         super().__init__(batch_shape, event_shape, validate_args=validate_args)
-        cap = layout.group_sum(self._count.detach())
+        cap = layout.group_sum(self._count.detach().to(torch.float64))
         over = self._totals > cap
         if bool(over.any()):
             g = first_bad(over)
@@ -121,6 +145,7 @@ class ConstrainedBernoulli(ConstrainedDistribution):
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(ConstrainedBernoulli, _instance)
         batch_shape = torch.Size(batch_shape)
+        new._init_args = self._init_args
         new._family = self._family
         new._n = self._n
         new._logits = self._logits.expand(batch_shape + (self._n,))
@@ -132,6 +157,8 @@ class ConstrainedBernoulli(ConstrainedDistribution):
         super(ConstrainedBernoulli, new).__init__(
             batch_shape, self.event_shape, validate_args=False
         )
+        if "_tilt" in self.__dict__:
+            new._tilt = self._tilt.expand(batch_shape + (self._n,))
         new._validate_args = self._validate_args
         return new
 
@@ -150,18 +177,67 @@ class ConstrainedBernoulli(ConstrainedDistribution):
     def support(self):
         return _GroupSumSupport(self._layout, self._totals, self.event_shape, upper=self._count)
 
-    def _padded_logw(self, logits: torch.Tensor) -> torch.Tensor:
-        """Per-slot log-pmf table ``batch + (m, S, X)`` of the padded layout."""
-        dtype = torch.promote_types(logits.dtype, torch.float32)
-        lp = self._layout.pad(logits.to(dtype), 0.0)
-        N = self._layout.pad(self._count.to(dtype), 0.0)
+    @lazy_property
+    def _X(self) -> int:
+        """Values per entry in the DP table: ``0..max(total_count)``."""
         X = int(self._count.max()) + 1 if self._count.numel() else 2
-        X = max(X, 2) if self._family == "Bernoulli" else X
-        xs = torch.arange(X, dtype=dtype, device=lp.device)
-        return _binomial_logpmf(lp.unsqueeze(-1), N.unsqueeze(-1), xs)
+        return max(X, 2) if self._family == "Bernoulli" else X
+
+    @lazy_property
+    def _dp_dtype(self) -> torch.dtype:
+        """The DP's working dtype: the base's, or float64 where one DP step touches at
+        most :data:`SMALL_DP_STEP` cells (the step costs its per-op overhead then,
+        whatever the dtype)."""
+        dtype = self._logits.dtype
+        K = int(self._totals.max()) if self._totals.numel() else 0
+        cells = self.batch_shape.numel() * self._layout.num_groups * (K + 1) * self._X
+        return torch.float64 if cells <= SMALL_DP_STEP else dtype
+
+    def _padded_logw(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-slot log-pmf table ``batch + (m, S, X)`` of the padded layout, of the
+        tilted logits (:attr:`_tilt`), in :attr:`_dp_dtype` (see :func:`_binomial_logpmf`)."""
+        dtype = self._dp_dtype
+        lp = self._layout.pad((logits + self._tilt).to(dtype), 0.0)
+        N = self._layout.pad(self._count.to(dtype), 0.0)
+        xs = torch.arange(self._X, dtype=dtype, device=lp.device)
+        return _binomial_logpmf(lp.unsqueeze(-1), N.unsqueeze(-1), xs, self._family)
+
+    @lazy_property
+    def _tilt(self) -> torch.Tensor:
+        """Per-entry shift ``theta_g`` of the logits of group ``g`` (0 on uncovered
+        entries), ``batch_shape + (n,)``, detached.
+
+        ``Bin(x; N, sigmoid(l + theta)) = Bin(x; N, sigmoid(l)) e^{theta x} / M(theta)``:
+        shifting a group's logits by a constant leaves its conditional law given
+        the group sum unchanged. The DP runs on logits shifted so that the base
+        mean of each group sum is close to its total ``k_g`` (exponential tilting,
+        three Newton steps from a closed-form start): its tables then hold
+        log-probabilities of typical partial sums, of modest size, instead of
+        ``log P(sum = k_g)``, which is huge in magnitude when ``k_g`` lies in the
+        far tail of the base law (and which float32 would round coarsely).
+        The conditional law being invariant, a detached shift gives exact
+        gradients.
+        """
+        layout = self._layout
+        f64 = torch.float64
+        with torch.no_grad():
+            logits = self._logits.detach().to(f64)
+            N = self._count.to(f64)
+            k = self._totals.to(f64)
+            cap = layout.group_sum(N)
+            mean = layout.group_sum(N * torch.sigmoid(logits))
+            theta = torch.logit((k + 0.5) / (cap + 1)) - torch.logit((mean + 0.5) / (cap + 1))
+            for _ in range(3):  # Newton on sum_i N_i sigmoid(l_i + theta_g) = k_g
+                p = torch.sigmoid(logits + layout.per_entry(theta))
+                f = layout.group_sum(N * p) - k
+                slope = layout.group_sum(N * p * (1 - p)).clamp_min(1e-3)
+                theta = theta - (f / slope).clamp(-4.0, 4.0)
+            theta = torch.where(cap > 0, theta.clamp(-60.0, 60.0), 0.0)
+            return layout.per_entry(theta).to(self._logits.dtype)
 
     def _log_normalizer(self, logits: torch.Tensor) -> torch.Tensor:
-        """``sum_g log Z_g``, shape ``batch_shape``, differentiable in ``logits``."""
+        """``sum_g log Z_g`` of the tilted logits (see :attr:`_tilt`), shape
+        ``batch_shape``, differentiable in ``logits``."""
         logZ = dp.log_normalizer(self._padded_logw(logits), self._totals)
         return logZ.sum(-1)
 
@@ -174,7 +250,7 @@ class ConstrainedBernoulli(ConstrainedDistribution):
             leaf = logits if create_graph else logits.detach().requires_grad_()
             logZ = self._log_normalizer(leaf).sum()
             (grad,) = torch.autograd.grad(logZ, leaf, create_graph=create_graph, allow_unused=True)
-        base_mean = self._count * torch.sigmoid(logits)
+        base_mean = self._count * torch.sigmoid(logits + self._tilt)
         if grad is None:
             return self._unflat(base_mean)
         return self._unflat(base_mean + grad.to(base_mean.dtype))
@@ -205,9 +281,10 @@ class ConstrainedBernoulli(ConstrainedDistribution):
                 self._logits.detach().to(pmf.dtype).unsqueeze(-1),
                 self._count.to(pmf.dtype).unsqueeze(-1),
                 xs,
+                self._family,
             ).exp()
             pmf = torch.where(self._layout.covered.unsqueeze(-1), pmf, free)
-        return pmf
+        return pmf.to(self._logits.dtype)
 
     # ------------------------------------------------------------ sampling
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
@@ -222,21 +299,44 @@ class ConstrainedBernoulli(ConstrainedDistribution):
                 count, logits = self._count.expand(shape), self._logits.expand(shape)
                 free = Binomial(count, logits=logits, validate_args=False).sample()
                 x = torch.where(self._layout.covered, x, free)
-        return self._unflat(x)
+        x = self._unflat(x)
+        # our own, unmodified sample is on the support: log_prob skips re-validating it
+        self.mark_valid(x)
+        return x
 
     # ------------------------------------------------------------ density
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
+        check_value(value, self.batch_shape, self.event_shape, "ConstrainedBernoulli")
+        checked = self.is_marked_valid(value)
+        if self._validate_args and not checked:
             self._validate_sample(value)
-        x = self._flat(value).to(self._logits.dtype)
-        lp = _binomial_logpmf(self._logits, self._count, x).sum(-1)
-        lp = lp - self._log_normalizer(self._logits).to(lp.dtype)
-        if not self._validate_args:
-            k = self._totals.to(x.dtype)
-            ok = (self._layout.group_sum(x) == k).all(-1)
-            ok = ok & ((x >= 0) & (x <= self._count) & (x == x.round())).all(-1)
+            checked = True
+        f64 = torch.float64
+        x = self._flat(value).to(f64)
+        count = self._count.to(f64)
+        if not checked:  # unvalidated values: off the support -> -inf, never an error
+            ok = (x >= 0) & (x <= count) & (x == x.round())
+            x = torch.where(ok, x, torch.zeros((), dtype=f64, device=x.device))
+        # the per-entry log-pmfs are the numbers the DP's table holds (so that the
+        # normaliser sums exactly them), summed in float64
+        # the DP's own numbers: tilted logits (the conditional law is invariant to the
+        # tilt), in the DP's dtype; summed in float64
+        logits = (self._logits + self._tilt).to(self._dp_dtype)
+        lp = _binomial_logpmf(logits, count, x, self._family).to(f64).sum(-1)
+        lp = lp - self._log_normalizer(self._logits).to(f64)
+        if not checked:
+            k = self._totals.to(f64)
+            ok = ok.all(-1) & (self._layout.group_sum(x) == k).all(-1)
             lp = torch.where(ok, lp, torch.full_like(lp, -math.inf))
-        return lp
+        return lp.to(self._logits.dtype)
+
+
+def _log_binom(N: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``log C(N, x)`` in float64 for non-negative integer float64 ``N, x`` (``x > N``:
+    a finite value, masked by the caller)."""
+    N, x = torch.broadcast_tensors(N, x)
+    lf = log_factorial(torch.stack([N, x, (N - x).clamp_min(0)]))
+    return lf[0] - lf[1] - lf[2]
 
 
 def _uncovered(d: ConstrainedBernoulli, free: torch.Tensor) -> torch.Tensor:
@@ -245,11 +345,27 @@ def _uncovered(d: ConstrainedBernoulli, free: torch.Tensor) -> torch.Tensor:
     return torch.where(d._layout.covered, torch.zeros_like(free), free)
 
 
-def _binomial_logpmf(logits: torch.Tensor, N: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``log Bin(x; N, sigmoid(logits))``; ``NEG`` where ``x > N``."""
-    log_binom = torch.lgamma(N + 1) - torch.lgamma(x + 1) - torch.lgamma((N - x).clamp_min(0) + 1)
-    out = log_binom + x * logits + N * torch.nn.functional.logsigmoid(-logits)
-    return torch.where(x <= N, out, torch.full_like(out, dp.NEG))
+def _binomial_logpmf(
+    logits: torch.Tensor, N: torch.Tensor, x: torch.Tensor, family: str
+) -> torch.Tensor:
+    """``log Bin(x; N, sigmoid(l)) = log C(N, x) + x log sigmoid(l) + (N - x) log sigmoid(-l)``
+    in the dtype of ``logits``; ``NEG`` where ``x > N``.
+
+    Neither log-sigmoid term cancels against the other (both are <= 0), so a
+    ``Bernoulli`` family (``N`` in ``{0, 1}``, ``log C = 0``) is computed in the
+    base's dtype. A ``Binomial`` one adds ``log C(N, x)``, which cancels against
+    them for large ``N``: it is computed in float64 and rounded once.
+    """
+    dtype = logits.dtype
+    if family == "Binomial":
+        logits, N, x = logits.to(torch.float64), N.to(torch.float64), x.to(torch.float64)
+    else:
+        N, x = N.to(dtype), x.to(dtype)
+    out = x * logits + N * torch.nn.functional.logsigmoid(-logits)
+    if family == "Binomial":
+        out = out + _log_binom(N, x)
+    out = torch.where(x <= N, out, torch.full_like(out, dp.NEG))
+    return out.to(dtype)
 
 
 def _parse_base(parsed):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.distributions import Poisson
+from torch.distributions import Poisson, constraints
 from torch.distributions.utils import lazy_property
 
 from pyro_linconstr.distributions.base import ConstrainedDistribution
@@ -15,10 +15,14 @@ from pyro_linconstr.ops.groups import (
     GroupLayout,
     _GroupSumSupport,
     check_totals,
+    check_value,
     first_bad,
+    log_factorial,
+    multinomial_deviance,
     sample_grouped_multinomial,
+    stirling_remainder,
 )
-from pyro_linconstr.ops.operators import LinearOperator
+from pyro_linconstr.ops.operators import LinearOperator, as_operator
 
 
 class ConstrainedPoisson(ConstrainedDistribution):
@@ -69,7 +73,7 @@ class ConstrainedPoisson(ConstrainedDistribution):
     (arXiv:2502.05416).
     """
 
-    arg_constraints = {}
+    arg_constraints = {"rate": constraints.nonnegative, "b": constraints.nonnegative_integer}
     has_rsample = False
 
     def __init__(self, base, A: LinearOperator, b: torch.Tensor, validate_args=None) -> None:
@@ -80,13 +84,13 @@ class ConstrainedPoisson(ConstrainedDistribution):
                 f"{type(parsed.inner).__name__}."
             )
         rate, n, event_shape = parsed.flat(parsed.inner.rate), parsed.n, parsed.event_shape
-        A = A.to(parsed.dtype)
+        A = as_operator(A).to(parsed.dtype)
         batch_shape = check_constraint(parsed, A, b)
         layout = GroupLayout.from_operator(A, "Poisson")
-        totals = check_totals(b, "Poisson")
+        totals = check_totals(b, "Poisson", parsed.dtype)
         self._init_args = (base, A, b, validate_args)
         if should_validate(validate_args):
-            if not bool(torch.isfinite(rate).all()) or bool((rate < 0).any()):
+            if not bool((torch.isfinite(rate) & (rate >= 0)).all()):
                 raise ValueError(
                     "constrain: the base's rate must be finite and >= 0; add a floor, e.g. "
                     "softplus(raw) + 1e-6."
@@ -99,7 +103,9 @@ class ConstrainedPoisson(ConstrainedDistribution):
         self._b = b.to(rate.dtype).expand(batch_shape + b.shape[-1:])
         super().__init__(batch_shape, event_shape, validate_args=validate_args)
         empty = (self._group_rate == 0) & (self._totals > 0)
-        if bool(empty.any()):
+        flags = torch.stack([empty.any(), (rate == 0).any()]).tolist()  # one sync
+        self._has_zero_rate = flags[1]
+        if flags[0]:
             g = first_bad(empty)
             raise ValueError(
                 f"constrain: group {g} has total rate 0 (all its rates are 0, or it has no "
@@ -110,12 +116,14 @@ class ConstrainedPoisson(ConstrainedDistribution):
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(ConstrainedPoisson, _instance)
         batch_shape = torch.Size(batch_shape)
+        new._init_args = self._init_args
         new._n = self._n
         new._rate = self._rate.expand(batch_shape + (self._n,))
         new._totals = self._totals.expand(batch_shape + self._totals.shape[-1:])
         new._layout = self._layout
         new._A = self._A
         new._b = self._b.expand(batch_shape + self._b.shape[-1:])
+        new._has_zero_rate = self._has_zero_rate
         super(ConstrainedPoisson, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
@@ -127,30 +135,35 @@ class ConstrainedPoisson(ConstrainedDistribution):
 
     @lazy_property
     def _group_rate(self) -> torch.Tensor:
-        return self._layout.group_sum(self._rate)
+        """``Lambda_g``, ``batch_shape + (m,)``, summed in float64."""
+        return self._layout.group_sum(self._rate.to(torch.float64))
 
     @property
     def support(self):
         return _GroupSumSupport(self._layout, self._totals, self.event_shape)
 
+    def _probs64(self) -> torch.Tensor:
+        """``p_i = rate_i / Lambda_g`` in float64 (0 in a group of total rate 0)."""
+        lam = self._group_rate
+        inv = torch.where(lam > 0, 1 / torch.where(lam > 0, lam, torch.ones_like(lam)), 0.0)
+        return self._rate.to(torch.float64) * self._layout.per_entry(inv)
+
     @lazy_property
     def mean(self) -> torch.Tensor:
-        k = self._totals.to(self._rate.dtype)
-        lam = self._group_rate
-        scale = torch.where(lam > 0, k / torch.where(lam > 0, lam, torch.ones_like(lam)), 0.0)
-        mean = self._rate * _per_entry(self._layout, scale, fill=1.0)
-        return self._unflat(mean)
+        k = self._layout.per_entry(self._totals.to(torch.float64))
+        mean = k * self._probs64()
+        if not self._layout.all_covered:
+            mean = torch.where(self._layout.covered, mean, self._rate.to(torch.float64))
+        return self._unflat(mean.to(self._rate.dtype))
 
     @lazy_property
     def variance(self) -> torch.Tensor:
-        k = self._totals.to(self._rate.dtype)
-        lam = self._group_rate
-        inv = torch.where(lam > 0, 1 / torch.where(lam > 0, lam, torch.ones_like(lam)), 0.0)
-        p = self._rate * _per_entry(self._layout, inv)
-        var = _per_entry(self._layout, k) * p * (1 - p)
+        k = self._layout.per_entry(self._totals.to(torch.float64))
+        p = self._probs64()
+        var = k * p * (1 - p)
         if not self._layout.all_covered:
-            var = torch.where(self._layout.covered, var, self._rate)
-        return self._unflat(var)
+            var = torch.where(self._layout.covered, var, self._rate.to(torch.float64))
+        return self._unflat(var.to(self._rate.dtype))
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         sample_shape = torch.Size(sample_shape)
@@ -160,32 +173,54 @@ class ConstrainedPoisson(ConstrainedDistribution):
             if not self._layout.all_covered:
                 free = torch.poisson(self._rate.expand(x.shape).contiguous())
                 x = torch.where(self._layout.covered, x, free)
-        return self._unflat(x)
+        x = self._unflat(x)
+        # our own, unmodified sample is on the support: log_prob skips re-validating it
+        self.mark_valid(x)
+        return x
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
+        check_value(value, self.batch_shape, self.event_shape, "ConstrainedPoisson")
+        checked = self.is_marked_valid(value)
+        if self._validate_args and not checked:
             self._validate_sample(value)
-        x = self._flat(value).to(self._rate.dtype)
+            checked = True
+        f64 = torch.float64
+        x = self._flat(value).to(f64)
         layout = self._layout
-        per_entry = torch.xlogy(x, self._rate) - torch.lgamma(x + 1)
-        lp = per_entry.sum(-1)
-        if not layout.all_covered:
-            lp = lp - torch.where(layout.covered, 0.0, self._rate).sum(-1)
-        k = self._totals.to(self._rate.dtype)
-        lp = lp + (torch.lgamma(k + 1) - torch.xlogy(k, self._group_rate)).sum(-1)
-        if not self._validate_args:
-            ok = (layout.group_sum(x) == k).all(-1)
+        if not checked:  # unvalidated values: off the support -> -inf, never an error
+            ok = (x >= 0) & (x == x.round())
+            x = torch.where(ok, x, torch.zeros((), dtype=f64, device=x.device))
+        # every term in float64 (see "Accuracy" in the class docstring)
+        rate = self._rate.to(f64)
+        k = self._totals.to(f64)
+        if self._rate.dtype == f64:
+            lp = self._log_prob_deviance(x, rate, k)
+        else:
+            if self._has_zero_rate:
+                lp = torch.xlogy(x, rate).sum(-1)
+            else:
+                lp = (x * rate.log()).sum(-1)
+            lp = lp - log_factorial(x).sum(-1)
+            const = (torch.lgamma(k + 1) - torch.xlogy(k, self._group_rate)).sum(-1)
+            if not layout.all_covered:
+                const = const - torch.where(layout.covered, 0.0, rate).sum(-1)
+            lp = lp + const
+        if not checked:
+            ok = ok.all(-1) & (layout.group_sum(x) == k).all(-1)
             lp = torch.where(ok, lp, torch.full_like(lp, -math.inf))
-        return lp
+        return lp.to(self._rate.dtype)
 
-
-def _per_entry(layout: GroupLayout, per_group: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-    """Broadcast ``(..., m)`` to ``(..., n)``: entry ``i`` gets its group's value."""
-    idx = layout.groups.clamp_min(0)
-    out = per_group.index_select(-1, idx)
-    if not layout.all_covered:
-        out = torch.where(layout.covered, out, torch.full_like(out, fill))
-    return out
+    def _log_prob_deviance(self, x: torch.Tensor, rate: torch.Tensor, k: torch.Tensor):
+        """Float64 ``log_prob`` of values on the support as ``sum_g s(k_g) - sum_i [s(x_i)
+        + D(x_i, mu_i)]`` (Stirling remainders and multinomial deviances, both small):
+        free of the cancellation between ``log k_g!`` and ``sum_i log x_i!``."""
+        layout = self._layout
+        mu = self._layout.per_entry(k) * self._probs64()
+        per_entry = stirling_remainder(x) + multinomial_deviance(x, mu)
+        if not layout.all_covered:  # entries in no row: their Poisson log-pmf
+            free = torch.xlogy(x, rate) - rate - log_factorial(x)
+            per_entry = torch.where(layout.covered, per_entry, -free)
+        return stirling_remainder(k).sum(-1) - per_entry.sum(-1)
 
 
 @register_constrain(Poisson)

@@ -78,6 +78,10 @@ class GroupLayout:
         slot[entry] = sorted_groups * S + ranks
         self.slot = slot
         self.S = S
+        self._cov_idx = cov_idx
+        self._cov_groups = cov_groups
+        # per_entry: uncovered entries read an extra column m that holds the fill value
+        self._fill_index = torch.where(self.covered, self.groups, self.num_groups)
 
     @classmethod
     def from_operator(cls, A: LinearOperator, family: str) -> GroupLayout:
@@ -86,8 +90,14 @@ class GroupLayout:
             return cls(A.groups, A.num_groups)
         if isinstance(A, DenseOperator):
             M = A.matrix
+            if M.layout != torch.strided:  # sparse COO / CSR: read its pattern densely
+                M = M.to_dense()
             m, n = M.shape[-2:]
+            if m == 0:  # no rows: every entry keeps its base law
+                return cls(torch.full((n,), -1, dtype=torch.long, device=M.device), 0)
             flat = M.reshape(-1, m, n)
+            if flat.shape[0] == 0:  # an empty batch of matrices: nothing is constrained
+                return cls(torch.full((n,), -1, dtype=torch.long, device=M.device), m)
             M0 = flat[0]
             if flat.shape[0] > 1 and not bool((flat == M0).all()):
                 raise NotImplementedError(
@@ -120,8 +130,15 @@ class GroupLayout:
         out = x.new_zeros(x.shape[:-1] + (self.num_groups,))
         if self.all_covered:
             return out.index_add(-1, self.groups, x)
-        idx = self.covered.nonzero().squeeze(-1)
-        return out.index_add(-1, self.groups[idx], x.index_select(-1, idx))
+        return out.index_add(-1, self._cov_groups, x.index_select(-1, self._cov_idx))
+
+    def per_entry(self, per_group: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """Broadcast ``(..., m) -> (..., n)``: entry ``i`` gets its group's value, an
+        uncovered entry gets ``fill`` (the adjoint of :meth:`group_sum` for ``fill = 0``)."""
+        if self.all_covered:
+            return per_group.index_select(-1, self.groups)
+        extra = per_group.new_full(per_group.shape[:-1] + (1,), fill)
+        return torch.cat([per_group, extra], -1).index_select(-1, self._fill_index)
 
     def pad(self, x: torch.Tensor, pad_value: float) -> torch.Tensor:
         """Gather ``(..., n) -> (..., m, S)``; empty slots hold ``pad_value``."""
@@ -131,8 +148,11 @@ class GroupLayout:
 
     def unpad(self, y: torch.Tensor, fill: torch.Tensor | None = None) -> torch.Tensor:
         """Scatter ``(..., m, S) -> (..., n)``; uncovered entries take ``fill`` (default 0)."""
-        flat = y.reshape(y.shape[:-2] + (self.num_groups * self.S,))
-        out = flat[..., self.slot]
+        if self.num_groups == 0:  # nothing covered: every entry takes fill
+            out = y.new_zeros(y.shape[:-2] + (self.n,))
+        else:
+            flat = y.reshape(y.shape[:-2] + (self.num_groups * self.S,))
+            out = flat[..., self.slot]
         if not self.all_covered:
             if fill is None:
                 fill = torch.zeros((), dtype=out.dtype, device=out.device)
@@ -141,24 +161,121 @@ class GroupLayout:
 
 
 # --------------------------------------------------------------------- checks
-def check_totals(b: torch.Tensor, family: str) -> torch.Tensor:
-    """Check that ``b`` holds non-negative integer totals; return them as a long tensor."""
+#: Largest integer up to which every integer is exact in each working dtype.
+EXACT_INTEGER = {torch.float32: 2**24, torch.float64: 2**53}
+
+
+def check_totals(b: torch.Tensor, family: str, dtype: torch.dtype) -> torch.Tensor:
+    """Check that ``b`` holds non-negative integer totals; return them as a long tensor.
+
+    :param dtype: the base's dtype: totals above :data:`EXACT_INTEGER` ``[dtype]``
+        (``2^24`` in float32) are an error, since counts that large are not exact
+        in that dtype (samples could not sum to them).
+    """
     if b.is_complex() or b.dtype == torch.bool:
         raise ValueError(f"constrain: b must be a real tensor of totals, got dtype {b.dtype}.")
+    limit = EXACT_INTEGER[dtype]
     if b.is_floating_point():
-        bad = b != b.round()
-        if bool(bad.any()):
-            raise ValueError(
-                f"constrain: b must hold integer totals for a {family} base (sums of counts), "
-                f"got the non-integer value {b[bad].flatten()[0].item()}; round it, e.g. "
-                "b.round()."
-            )
-    if bool((b < 0).any()):
+        nonint = b != b.round()
+    else:
+        nonint = torch.zeros((), dtype=torch.bool, device=b.device)
+    flags = torch.stack([nonint.any(), (b < 0).any(), (b > limit).any()]).tolist()  # one sync
+    if flags[0]:
+        raise ValueError(
+            f"constrain: b must hold integer totals for a {family} base (sums of counts), "
+            f"got the non-integer value {b[nonint].flatten()[0].item()}; round it, e.g. "
+            "b.round()."
+        )
+    if flags[1]:
         raise ValueError(
             f"constrain: b must hold non-negative totals for a {family} base, got "
             f"{b[b < 0].flatten()[0].item()}; sums of non-negative counts cannot be negative."
         )
+    if flags[2]:
+        raise ValueError(
+            f"constrain: b holds the total {b[b > limit].flatten()[0].item():.0f}, above "
+            f"{limit} (2^{limit.bit_length() - 1}), the largest count that is exact in the "
+            f"base's dtype {dtype}: samples could not sum to it. Use a float64 base (e.g. "
+            "rate.double()), which is exact up to 2^53."
+        )
     return b.round().long() if b.is_floating_point() else b.long()
+
+
+def log_factorial(x: torch.Tensor) -> torch.Tensor:
+    """``log x!`` in float64 for a float64 tensor of non-negative integers.
+
+    Small counts (the largest below the number of entries) read a table of
+    ``lgamma(j + 1)``, ``j = 0..max(x)``, which costs a gather per entry instead
+    of an ``lgamma``; larger ones call ``lgamma`` per entry. Both are exact to
+    float64 rounding.
+    """
+    if x.numel() == 0:
+        return torch.zeros_like(x)
+    top = int(x.max())
+    if top >= x.numel():
+        return torch.lgamma(x + 1)
+    table = torch.arange(top + 1, dtype=torch.float64, device=x.device).add_(1).lgamma_()
+    return table.take(x.long())
+
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def stirling_remainder(x: torch.Tensor) -> torch.Tensor:
+    r"""``s(x) = log x! - (x log x - x)`` in float64 for a float64 ``x >= 0`` (``s(0) = 0``).
+
+    ``s(x) = 1/2 log(2 pi x) + 1/(12 x) - 1/(360 x^3) + ...`` stays small
+    (``< 20`` for ``x < 2^53``), so sums of ``s`` do not cancel the way sums of
+    ``log x!`` do. Below 20 it is ``lgamma(x + 1) - x log x + x``; from 20 the
+    Stirling series to ``x^-9`` (truncation below ``1e-17``).
+    """
+    small = x < 20
+    xs = torch.where(small, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    direct = torch.lgamma(xs + 1) - torch.xlogy(xs, xs) + xs
+    xl = torch.where(small, torch.full((), 20.0, dtype=x.dtype, device=x.device), x)
+    r = 1 / xl
+    r2 = r * r
+    series = r * (1 / 12 - r2 * (1 / 360 - r2 * (1 / 1260 - r2 * (1 / 1680 - r2 / 1188))))
+    series = series + _HALF_LOG_2PI + 0.5 * torch.log(xl)
+    return torch.where(small, direct, series)
+
+
+def multinomial_deviance(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    r"""``D(x, mu) = x log(x / mu) - x + mu >= 0`` in float64, elementwise.
+
+    Evaluated as ``mu [(1 + t) log1p(t) - t]`` with ``t = (x - mu) / mu``, whose
+    rounding error is ``O(eps |x - mu|)`` instead of the ``O(eps x)`` of the
+    direct formula. ``D(0, mu) = mu``; ``D(x, 0) = inf`` for ``x > 0``.
+    """
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    pos_x, pos_mu = x > 0, mu > 0
+    mu_safe = torch.where(pos_mu, mu, torch.ones_like(mu))
+    t = torch.where(pos_x & pos_mu, (x - mu_safe) / mu_safe, zero)
+    dev = mu_safe * ((1 + t) * torch.log1p(t) - t)
+    dev = torch.where(pos_x, dev, torch.where(pos_mu, mu, zero).expand_as(dev))
+    return torch.where(pos_x & ~pos_mu, torch.full((), math.inf, dtype=x.dtype), dev)
+
+
+def check_value(value, batch_shape: torch.Size, event_shape: torch.Size, family: str) -> None:
+    """``value`` of ``log_prob`` must be a tensor ``sample_shape + batch_shape + event_shape``
+    (batch dims broadcasting); checked even without validation, since it costs no sync."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(
+            f"{family}.log_prob: value must be a torch.Tensor, got {type(value).__name__}."
+        )
+    k = len(event_shape)
+    if value.dim() < k or value.shape[value.dim() - k :] != event_shape:
+        raise ValueError(
+            f"{family}.log_prob: value must have shape (..., {', '.join(map(str, event_shape))})"
+            f" ending in the event shape {tuple(event_shape)}, got shape {tuple(value.shape)}."
+        )
+    try:
+        torch.broadcast_shapes(value.shape[: value.dim() - k], batch_shape)
+    except RuntimeError:
+        raise ValueError(
+            f"{family}.log_prob: value of shape {tuple(value.shape)} does not broadcast with "
+            f"the batch shape {tuple(batch_shape)} (event shape {tuple(event_shape)})."
+        ) from None
 
 
 def first_bad(mask: torch.Tensor) -> int:
@@ -192,7 +309,7 @@ class _GroupSumSupport(_constraints.Constraint):
         k = len(self.event_shape)
         x = value.reshape(value.shape[: value.dim() - k] + (self.layout.n,))
         if not x.is_floating_point():
-            x = x.to(torch.get_default_dtype())
+            x = x.to(torch.float64)  # integer counts stay exact
         ok = (x >= 0) & (x == x.round())
         if self.upper is not None:
             ok = ok & (x <= self.upper)
@@ -231,6 +348,8 @@ def sample_grouped_multinomial(
     """
     sample_shape = torch.Size(sample_shape)
     batch = torch.broadcast_shapes(weights.shape[:-1], totals.shape[:-1])
+    if layout.num_groups == 0 or math.prod(sample_shape + batch) == 0:
+        return weights.new_zeros(sample_shape + batch + (layout.n,))
     levels = max(math.ceil(math.log2(layout.S)), 0) if layout.S > 1 else 0
     width = 1 << levels
     w = layout.pad(weights.detach(), 0.0).expand(batch + (layout.num_groups, layout.S))
@@ -239,7 +358,8 @@ def sample_grouped_multinomial(
     # Bottom-up pyramid of node weights; pyramid[l] has 2^l nodes per group.
     pyramid = [w]
     for _ in range(levels):
-        pyramid.append(pyramid[-1].reshape(pyramid[-1].shape[:-1] + (-1, 2)).sum(-1))
+        top = pyramid[-1]
+        pyramid.append(top.reshape(top.shape[:-1] + (top.shape[-1] // 2, 2)).sum(-1))
     pyramid.reverse()
     counts = totals.to(w.dtype).expand(sample_shape + batch + (layout.num_groups,)).unsqueeze(-1)
     for level in range(levels):
@@ -249,5 +369,6 @@ def sample_grouped_multinomial(
         p = p.clamp(0, 1).expand(counts.shape)
         left = torch.binomial(counts.contiguous(), p.contiguous())
         left = torch.minimum(left, counts)
-        counts = torch.stack([left, counts - left], -1).reshape(counts.shape[:-1] + (-1,))
+        counts = torch.stack([left, counts - left], -1)
+        counts = counts.reshape(counts.shape[:-2] + (2 * counts.shape[-2],))
     return layout.unpad(counts[..., : layout.S])
