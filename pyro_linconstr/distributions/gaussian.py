@@ -175,9 +175,10 @@ class ConstrainedGaussian(ConstrainedDistribution):
         shape = torch.Size(sample_shape) + self.batch_shape
         y = self._cov.draw(self._loc, shape)
         x = self._unflat(self._cond.condition(y))
-        # our own, unmodified sample is on the support by construction: log_prob
-        # skips re-validating it (the common case of a Pyro site scored after sampling)
-        self.mark_valid(x)
+        if self._validate_args:
+            # our own, unmodified sample is on the support by construction: log_prob
+            # skips re-validating it (the common case of a Pyro site scored after sampling)
+            self.mark_valid(x)
         return x
 
     # ----------------------------------------------------------------- density

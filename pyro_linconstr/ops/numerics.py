@@ -10,8 +10,6 @@ orthogonal projection :func:`~pyro_linconstr.project`, the chart
 
 * :func:`exactness_constant` ``c(n) = 8 sqrt(n)``: the documented bound
   ``|A x - b| <= c eps (|A||x| + |b|)`` that every sample meets, row by row;
-* :data:`REFINE_FRACTION`: iterative refinement stops once every row is
-  below ``c / 4`` of that bound (a margin for the final rounding to ``dtype``);
 * :data:`OBSERVED_SLACK`: a value that went through a round trip (a
   transform, a guide, a file) passes the support check up to
   ``OBSERVED_SLACK * c``;
@@ -33,7 +31,6 @@ __all__ = [
     "CONSISTENCY_RTOL",
     "OBSERVED_SLACK",
     "RANK_RTOL",
-    "REFINE_FRACTION",
     "SVDSolution",
     "check_empty_groups",
     "exactness_constant",
@@ -42,7 +39,6 @@ __all__ = [
 
 RANK_RTOL = 10.0
 CONSISTENCY_RTOL = 100.0
-REFINE_FRACTION = 0.25
 OBSERVED_SLACK = 4.0
 
 
