@@ -56,18 +56,49 @@ class ConstrainedBernoulli(ConstrainedDistribution):
     in the logits (it is the marginal-expectation proxy of the ``"marginal"``
     estimator; SIMPLE, Ahmed et al. 2023, is the ``k``-subset analogue).
     :attr:`variance` comes from forward-backward tables (not differentiable).
-    Entries in no row of ``A`` keep their unconstrained law.
+    Entries in no row of ``A`` keep their unconstrained law; an ``A`` with no
+    rows (shape ``(0, n)``) leaves the base law unchanged, and an empty batch
+    gives empty results. Results are in the base's dtype (``A`` and ``b``
+    follow it; ``b`` may be an integer tensor).
+
+    The DP runs on *tilted* logits ``l_i + theta_g`` (a shift per group that
+    leaves the conditional law unchanged, chosen so that the base mean of each
+    group sum is close to ``k_g``): its tables then hold log-probabilities of
+    typical partial sums, also when ``k_g`` lies in the far tail of the base law.
+
+    **Accuracy** (``eps`` the machine epsilon of the dtype, ``n`` entries,
+    ``N_max`` the largest ``total_count``, 1 for Bernoulli; checked by the
+    tests against convolutions in float64 and ``scipy.stats.binom``):
+
+    * :meth:`log_prob`: absolute error ``<= 4 eps (|log p| + n log(1 + N_max))
+      + 4 eps_64 sum_i N_i log(1 + N_i)``. The per-entry log-pmfs are computed
+      in float64 for a Binomial base (``log C(N, x)`` cancels against the
+      log-sigmoid terms: torch's float32 ``Binomial.log_prob`` is off by about
+      ``eps N log N``, ``2e-4`` at ``N = 2000``) and summed in float64. The DP
+      runs in the base's dtype, or in float64 when one step touches at most
+      :data:`SMALL_DP_STEP` cells;
+    * :attr:`mean`: absolute error ``<= 16 eps N_max``.
+
+    The cost, ``O(N_max |g| k_g)`` time and ``O(N_max k_g)`` memory per group
+    and step, limits the totals, not the accuracy: a Binomial base with a large
+    ``total_count`` (thousands) conditions slowly.
 
     Construct it with :func:`~pyro_linconstr.constrain` from
     ``Bernoulli(probs=... | logits=...).to_event(k)`` or
     ``Binomial(total_count, ...).to_event(k)``.
 
     :param base: the unconstrained Bernoulli or Binomial, with an event dim.
-    :param A: a :class:`~pyro_linconstr.ops.LinearOperator` of the group-sum form.
+    :param A: a :class:`~pyro_linconstr.ops.LinearOperator` of the group-sum
+        form (or a dense tensor).
     :param torch.Tensor b: non-negative integer totals ``(..., m)``.
+    :param validate_args: check the logits (finite) and ``total_count``
+        (non-negative integers), and the values passed to :meth:`log_prob`
+        (default: Pyro's global setting). Without validation, :meth:`log_prob`
+        of a value off the support is ``-inf``.
     :raises ValueError: for non-integer or negative totals, totals above what a
         group can reach (its size for Bernoulli, its summed ``total_count``
-        for Binomial), or bad shapes.
+        for Binomial), non-finite logits or a bad ``total_count`` (when
+        validating), or bad shapes.
     :raises NotImplementedError: for an ``A`` that is not a disjoint group sum.
 
     Example::

@@ -45,16 +45,48 @@ class ConstrainedPoisson(ConstrainedDistribution):
     batch and sample shape with totals that differ per batch element (see
     :func:`~pyro_linconstr.ops.groups.sample_grouped_multinomial`).
 
+    An ``A`` with no rows (shape ``(0, n)``) leaves the Poisson law unchanged,
+    and an empty batch gives empty results. Results are in the base's dtype
+    (``A`` and ``b`` follow it; ``b`` may be an integer tensor).
+
+    **Accuracy** of :meth:`log_prob` (``eps`` the machine epsilon of the
+    dtype; checked by the tests against mpmath and
+    ``scipy.stats.multinomial``):
+
+    * float32: totals up to ``2^24 = 16,777,216``, the largest up to which
+      every count is exact (a larger total is a ``ValueError``: use a float64
+      base). ``log k_g!``, ``log x_i!``, ``x_i log rate_i`` and
+      ``k_g log Lambda_g`` are summed in float64 and the result is rounded
+      once: absolute error ``<= eps * |log p| + 1e-6`` (the float64 sums add
+      about ``eps_64 * sum_g 4 k_g log k_g``, ``< 3e-7`` at ``2^24``), e.g.
+      ``1e-6`` at a total of ``1e7``, where summing in float32 (as torch's
+      float32 ``Multinomial.log_prob`` does) is off by 10 or more;
+    * float64: totals up to ``2^53``. Evaluated as
+      ``sum_g s(k_g) - sum_i [s(x_i) + D(x_i, mu_i)]``, with the Stirling
+      remainders ``s(x) = log x! - x log x + x`` and the deviances
+      ``D(x, mu) = x log(x / mu) - x + mu`` of ``mu_i = k_g p_i``, terms that
+      do not cancel: absolute error ``<= 8 eps (|log p| + sum_i |x_i - mu_i|
+      + 20 n)``, about ``1e-10`` at totals of ``1e12`` (where summing
+      ``lgamma`` terms, as ``scipy.stats.multinomial`` does, is off by ``1e-3``).
+
+    :attr:`mean` (relative error ``<= 2 eps``) and :attr:`variance` (relative
+    error ``<= 2 eps + eps_64 / (1 - p_i)``) are computed in float64 and rounded.
+
     Construct it with :func:`~pyro_linconstr.constrain` from
     ``Poisson(rate).to_event(k)`` and a :class:`~pyro_linconstr.GroupSum` or a
     dense ``A`` with disjoint 0/1 rows; any other ``A`` raises
     :class:`NotImplementedError`.
 
     :param base: ``Poisson(rate).to_event(k)``.
-    :param A: a :class:`~pyro_linconstr.ops.LinearOperator` of the group-sum form.
+    :param A: a :class:`~pyro_linconstr.ops.LinearOperator` of the group-sum
+        form (or a dense tensor).
     :param torch.Tensor b: non-negative integer totals ``(..., m)``.
-    :raises ValueError: for non-integer or negative totals, a positive total on
-        a group whose rates are all zero (or that is empty), or bad shapes.
+    :param validate_args: check the rates (finite, ``>= 0``) and the values
+        passed to :meth:`log_prob` (default: Pyro's global setting). Without
+        validation, :meth:`log_prob` of a value off the support is ``-inf``.
+    :raises ValueError: for non-integer, negative or (in float32) inexact
+        totals, a positive total on a group whose rates are all zero (or that
+        is empty), non-finite or negative rates (when validating), or bad shapes.
 
     Example::
 
