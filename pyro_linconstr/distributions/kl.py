@@ -51,22 +51,24 @@ is replaced by ``(T A, T b)``. It never forms ``C`` or a null-space basis:
   ``A``; summed in float64, exactly 0 for ``p = q``;
 * otherwise ``tr(Sigma_q^{-1} C_p) = tr(Sigma_q^{-1} Sigma_p) -
   tr(Sigma_q^{-1} K_p S_p^{-1} K_p^T)`` (``K = Sigma A^T``) with solves by each
-  structure (elementwise, Woodbury, Cholesky): ``O(n m r + n r^2)`` for low
+  structure (elementwise, Woodbury, Cholesky): ``O(n m (m + r))`` for low
   rank ``r``, ``O(n^3)`` with a full covariance.
 
 It is differentiable in every parameter of both laws.
 
 **Same subspace.** ``A`` of both laws is compared first as rows (the same
-operator, equal :class:`~pyro_linconstr.GroupSum` groups, or equal dense
-matrices): then ``b`` must agree row by row up to the support tolerance
+operator, equal :class:`~pyro_linconstr.GroupSum` groups, equal
+:class:`~pyro_linconstr.AxisSums`, or equal dense matrices): then ``b`` must
+agree row by row up to the support tolerance
 :func:`~pyro_linconstr.constraints.residual_tolerance` evaluated at ``p``'s
 mean (``4 c eps (|A| |m_p| + |b|)``, ``c = 8 sqrt(n)``, ``eps`` of the
 coarser dtype). Otherwise both are orthonormalised in float64
-(:func:`~pyro_linconstr.ops.numerics.svd_solve`): the ranks must agree, the
-largest sine of the principal angles between the row spaces must stay below
-``CONSISTENCY_RTOL sqrt(n) eps kappa`` and the least-norm points of the two
-subspaces must agree up to ``2 OBSERVED_SLACK c eps kappa |x0|``
-(``kappa`` the larger condition number of the two ``A``).
+(:func:`~pyro_linconstr.ops.numerics.svd_solve`, ``O(m^2 n)``): the ranks
+must agree, the largest sine of the principal angles between the row spaces
+must stay below ``CONSISTENCY_RTOL sqrt(n) eps kappa`` and the least-norm
+points of the two subspaces must agree up to ``2 OBSERVED_SLACK c eps kappa
+|x0|`` (``kappa`` the larger condition number of the two ``A``). So
+``(T A, T b)`` for an invertible ``T`` is the same support.
 
 **Poisson.** Each group is a multinomial, and for two multinomials with the
 same total ``sum_i E_p[x_i] log(p_i / q_i) = sum_i D(E_p x_i, E_q x_i)``
@@ -86,7 +88,12 @@ coefficients cancel:
     + \sum_i N_i \big(\log\sigma(-l_{p,i}) - \log\sigma(-l_{q,i})\big)
     - \log Z_p + \log Z_q,
 
-with ``E_p[x]`` = ``p.mean``, exact from the dynamic program.
+with ``E_p[x]`` = ``p.mean``, exact from the dynamic program. Since
+``log p(x) - log q(x) = x . (l_p - l_q) + const`` on the support, the
+constant ``- log Z_p + log Z_q + sum_i N_i (...)`` is read off one support
+point ``x0`` near ``E_p[x]`` (largest remainders of ``p.mean`` per group)
+through the families' own ``log_prob``:
+``KL = (E_p[x] - x0) . (l_p - l_q) + log p(x0) - log q(x0)``, ``O(n k)``.
 
 Example::
 
@@ -119,6 +126,7 @@ from pyro_linconstr.constraints import residual_tolerance
 from pyro_linconstr.distributions.bernoulli import ConstrainedBernoulli
 from pyro_linconstr.distributions.gaussian import ConstrainedGaussian
 from pyro_linconstr.distributions.poisson import ConstrainedPoisson
+from pyro_linconstr.ops.axis_sums import AxisSums
 from pyro_linconstr.ops.conditioning import Conditioning
 from pyro_linconstr.ops.covariance import (
     Covariance,
@@ -196,6 +204,8 @@ def _same_rows(Ap: LinearOperator, Aq: LinearOperator) -> bool:
         return False
     if isinstance(Ap, GroupSum) and isinstance(Aq, GroupSum):
         return Ap.groups is Aq.groups or torch.equal(Ap.groups, Aq.groups)
+    if isinstance(Ap, AxisSums) and isinstance(Aq, AxisSums):
+        return Ap.event_shape == Aq.event_shape and tuple(Ap.axes) == tuple(Aq.axes)
     if isinstance(Ap, DenseOperator) and isinstance(Aq, DenseOperator):
         Mp, Mq = Ap.matrix, Aq.matrix
         if Mp is Mq:
@@ -292,7 +302,7 @@ def _kl_constrained_gaussian(p: ConstrainedGaussian, q: ConstrainedGaussian) -> 
 
 def _normalizer_difference(cp: Conditioning, cq: Conditioning) -> torch.Tensor:
     """``c_p - c_q`` in float64 (group by group for two diagonal grams)."""
-    if cp.gram_diag is not None and cq.gram_diag is not None and cp.A is cq.A:
+    if cp.gram_diag is not None and cq.gram_diag is not None and _same_rows(cp.A, cq.A):
         logs = cp.gram_diag.to(_F64).log() - cq.gram_diag.to(_F64).log()
         if cp.mask is not None:
             logs = logs.where(cp.mask, 0.0)

@@ -244,6 +244,26 @@ def test_invariant_under_equivalent_laws():
     torch.testing.assert_close(dense_g, ref_g, rtol=1e-9, atol=0)
 
 
+def test_zero_sum_normal_on_a_table():
+    """ZeroSumNormal (AxisSums over both axes of a 3 x 4 table, redundant margin dropped)."""
+    g = torch.Generator().manual_seed(15)
+    shape = (3, 4)
+    scale_p, scale_q = 0.5 + torch.rand(2, *shape, generator=g, dtype=F64)
+    loc_p = torch.randn(shape, generator=g, dtype=F64)
+    p = plc.ZeroSumNormal(scale_p, shape, loc=loc_p)
+    q = plc.ZeroSumNormal(scale_q, shape)
+    A = plc.AxisSums(shape, (0, 1), dtype=F64).to_dense()
+    oracle = oracle_kl(
+        dist.Normal(loc_p.reshape(-1), scale_p.reshape(-1)).to_event(1),
+        dist.Normal(torch.zeros(12, dtype=F64), scale_q.reshape(-1)).to_event(1),
+        A,
+        torch.zeros(A.shape[0], dtype=F64),
+    )
+    torch.testing.assert_close(kl_divergence(p, q), oracle, rtol=1e-9, atol=1e-11)
+    with pytest.raises(ValueError, match="infinite"):
+        kl_divergence(p, plc.ZeroSumNormal(scale_q, shape, zero_sum_axes=(1,)))
+
+
 def test_different_supports_raise():
     n = 5
     A = torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0, 1.0]], dtype=F64)
