@@ -145,7 +145,6 @@ from pyro_linconstr.ops.operators import DenseOperator, GroupSum, LinearOperator
 __all__ = ["check_same_subspace"]
 
 _F64 = torch.float64
-_LOG_2PI = math.log(2 * math.pi)
 
 
 def _infinite(p, q, detail: str) -> ValueError:
@@ -540,9 +539,8 @@ def _support_point(d: ConstrainedBernoulli, mean: torch.Tensor) -> torch.Tensor:
     layout = d._layout
     N = d.total_count.to(_F64).expand(mean.shape)
     k = d._totals.to(_F64).expand(mean.shape[:-1] + d._totals.shape[-1:])
-    inf = torch.tensor(math.inf, dtype=_F64)
     base = torch.minimum(mean.clamp_min(0), N).floor()
-    room = layout.pad(torch.where(base < N, mean - base, -inf), -math.inf)  # (..., m, S)
+    room = layout.pad(torch.where(base < N, mean - base, -math.inf), -math.inf)  # (..., m, S)
     need = k - layout.group_sum(base)  # (..., m)
     rank = room.argsort(-1, descending=True).argsort(-1)
     add = (rank < need.unsqueeze(-1)) & (room > -math.inf)

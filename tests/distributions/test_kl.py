@@ -64,8 +64,9 @@ def oracle_kl(base_p, base_q, A, b):
         mu, Sigma = moments(base)
         K = Sigma @ A.T
         S = A @ K
-        mean = mu + K @ torch.linalg.lstsq(S, (b - A @ mu).unsqueeze(-1)).solution.squeeze(-1)
-        C = Sigma - K @ torch.linalg.pinv(S) @ K.T
+        S_inv = torch.linalg.pinv(S, hermitian=True)
+        mean = mu + K @ S_inv @ (b - A @ mu)
+        C = Sigma - K @ S_inv @ K.T
         return mean, N.T @ C @ N
 
     mp, Cp = conditional(base_p)
@@ -81,15 +82,34 @@ def oracle_kl(base_p, base_q, A, b):
 
 
 # --------------------------------------------------------------------------- Gaussian
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
 @pytest.mark.parametrize("op", ["dense", "groupsum"])
 @pytest.mark.parametrize("kp,kq", list(itertools.product(STRUCTURES, STRUCTURES)))
-def test_gaussian_matches_dense_oracle(kp, kq, op):
+def test_gaussian_matches_dense_oracle(kp, kq, op, dtype):
     n = 7
-    A, b, A_dense = law(op, n)
-    base_p, base_q = gaussian_base(kp, n, seed=2), gaussian_base(kq, n, seed=3)
+    A, b, _ = law(op, n, dtype=dtype)
+    base_p = gaussian_base(kp, n, seed=2, dtype=dtype)
+    base_q = gaussian_base(kq, n, seed=3, dtype=dtype)
     kl = kl_divergence(plc.constrain(base_p, A, b), plc.constrain(base_q, A, b))
-    assert kl.shape == () and kl.dtype == F64
-    torch.testing.assert_close(kl, oracle_kl(base_p, base_q, A_dense, b), rtol=1e-9, atol=1e-11)
+    assert kl.shape == () and kl.dtype == dtype
+    oracle = oracle_kl(base_p, base_q, A.to_dense() if op == "groupsum" else A, b)
+    tol = 1e-9 if dtype == F64 else 1e-5
+    torch.testing.assert_close(kl.double(), oracle, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kp,kq", [("diag", "diag"), ("diag", "lowrank"), ("full", "diag")])
+def test_rank_deficient_laws(kp, kq):
+    """An empty group of a GroupSum and a redundant dense row are dropped by both laws."""
+    base_p, base_q = gaussian_base(kp, 6, seed=16), gaussian_base(kq, 6, seed=17)
+    G = plc.GroupSum(torch.tensor([0, 0, 2, 2, 2, 0]), 3, dtype=F64)  # group 1 is empty
+    b = torch.tensor([1.0, 0.0, -2.0], dtype=F64)
+    g = torch.Generator().manual_seed(18)
+    A = torch.randn(2, 6, generator=g, dtype=F64)
+    A = torch.cat([A, A[:1] + 2 * A[1:]])
+    bA = A @ torch.randn(6, generator=g, dtype=F64)
+    for op, rhs, dense in ((G, b, G.to_dense()), (A, bA, A)):
+        kl = kl_divergence(plc.constrain(base_p, op, rhs), plc.constrain(base_q, op, rhs))
+        torch.testing.assert_close(kl, oracle_kl(base_p, base_q, dense, rhs), rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize(
