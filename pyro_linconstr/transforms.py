@@ -137,6 +137,15 @@ class _Helmert:
     Entries are visited group by group (stable order). The entry at
     (1-based) position ``j >= 2`` of its group owns coordinate ``l = j - 1``
     with Helmert row ``(1, ..., 1, -l, 0, ...) / sqrt(l (l + 1))``.
+
+    The prefix sums within each group are scanned group by group (a
+    ``num_groups x max_size`` table; a plain reshape when every group has the
+    same size, as for the fibres of an :class:`~pyro_linconstr.AxisSums`), so
+    their rounding is relative to the group's own entries and each group's
+    sum is zero to ``eps`` of *its* magnitude, which the support check asks
+    for. Only when that table would exceed ``4 n`` entries (very unequal
+    groups) are they differences of one global cumulative sum, whose rounding
+    is relative to the running total.
     """
 
     def __init__(self, A: GroupSum, b: torch.Tensor) -> None:
@@ -160,12 +169,26 @@ class _Helmert:
             )
         safe = sizes.clamp_min(1).to(b.dtype)
         self.x0 = (b / safe).index_select(-1, groups)  # minimum-norm solution
+        # the table of the group-wise scan: width, and each sorted slot's place in it
+        self.num_groups, width = sizes.numel(), int(sizes.max())
+        self.width = width if self.num_groups * width <= 4 * self.n else None
+        self.slot = None
+        if self.width is not None and not bool((sizes == width).all()):
+            self.slot = g_sorted * width + pos - 1
 
     def _prefix(self, v: torch.Tensor) -> torch.Tensor:
         """Inclusive prefix sums of sorted ``v`` within each group (float64)."""
-        P = torch.cumsum(v, -1)
-        before = torch.where(self.start > 0, P.index_select(-1, (self.start - 1).clamp_min(0)), 0.0)
-        return P - before
+        lead = v.shape[:-1]
+        if self.width is None:
+            P = torch.cumsum(v, -1)
+            start = self.start
+            before = torch.where(start > 0, P.index_select(-1, (start - 1).clamp_min(0)), 0.0)
+            return P - before
+        if self.slot is None:  # equal sizes: the sorted entries are the table
+            return v.reshape(lead + (-1, self.width)).cumsum(-1).reshape(lead + (self.n,))
+        table = v.new_zeros(lead + (self.num_groups * self.width,)).index_copy(-1, self.slot, v)
+        table = table.reshape(lead + (self.num_groups, self.width)).cumsum(-1)
+        return table.reshape(lead + (-1,)).index_select(-1, self.slot)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         dtype = z.dtype

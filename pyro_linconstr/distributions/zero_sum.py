@@ -8,6 +8,7 @@ next to an intercept.
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import pyro.distributions as dist
@@ -36,7 +37,13 @@ def _zero_sum_axes(zero_sum_axes, event_shape: torch.Size) -> tuple[int, ...]:
                 "to name axes, pass a tuple such as (0,)."
             )
         return tuple(range(D - k, D))
-    return tuple(zero_sum_axes)  # AxisSums checks the axes
+    try:
+        return tuple(zero_sum_axes)  # AxisSums checks the axes
+    except TypeError:
+        raise ValueError(
+            f"ZeroSumNormal: zero_sum_axes must be None, an int or a tuple of ints, "
+            f"got {zero_sum_axes!r}."
+        ) from None
 
 
 def ZeroSumNormal(scale, event_shape, zero_sum_axes=None, loc=None, validate_args=None):
@@ -105,7 +112,6 @@ def ZeroSumNormal(scale, event_shape, zero_sum_axes=None, loc=None, validate_arg
     """
     event_shape = _check_event_shape(event_shape)
     axes = _zero_sum_axes(zero_sum_axes, event_shape)
-    A = AxisSums(event_shape, axes)
     scale = torch.as_tensor(scale, dtype=_float_dtype(scale, loc))
     loc = torch.zeros((), dtype=scale.dtype) if loc is None else torch.as_tensor(loc)
     if not loc.is_floating_point():
@@ -121,9 +127,18 @@ def ZeroSumNormal(scale, event_shape, zero_sum_axes=None, loc=None, validate_arg
             f"broadcast with event_shape {tuple(event_shape)} (their last dims the event's, "
             "or 1; extra leading dims are batch dims)."
         )
+    dtype = torch.promote_types(scale.dtype, loc.dtype)
+    A = _axis_sums(event_shape, tuple(axes), dtype, scale.device)
     base = dist.Normal(loc, scale, validate_args=False).expand(full).to_event(D)  # checked below
-    b = torch.zeros(A.num_rows, dtype=torch.promote_types(scale.dtype, loc.dtype))
-    return ConstrainedGaussian(base, A.to(b.dtype), b, validate_args=validate_args)
+    b = torch.zeros(A.num_rows, dtype=dtype, device=scale.device)
+    return ConstrainedGaussian(base, A, b, validate_args=validate_args)
+
+
+@functools.lru_cache(maxsize=64)
+def _axis_sums(event_shape, axes, dtype, device) -> AxisSums:
+    """One operator per shape (a model rebuilds its ZeroSumNormal at every step of NUTS or
+    SVI; the operator's row maps and ``log det(A A^T)`` are then computed once)."""
+    return AxisSums(event_shape, axes, dtype=dtype, device=device)
 
 
 def _float_dtype(scale, loc) -> torch.dtype:

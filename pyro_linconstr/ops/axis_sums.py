@@ -330,9 +330,10 @@ class AxisSums(LinearOperator):
         return margin.reshape(margin.shape[: margin.dim() - D1] + (self._counts[j],))
 
     def _index(self, device: torch.device):
-        """Row maps on ``device``: per axis, the kept row of each entry's margin (or -1),
-        and per pair of axes ``j < j'`` the entries in two kept rows with the flat index
-        ``row_j * m + row_j'`` of their gram entry (unique: two rows share one entry)."""
+        """Row maps on ``device``: per axis, the kept row of each entry's margin (or -1);
+        per pair of axes ``j < j'``, the entries in two kept rows with the flat index
+        ``row_j * m + row_j'`` of their gram entry (unique: two rows share one entry);
+        and the scatter of the whole gram (entries, flat indices)."""
         cached = self._index_cache.get(device)
         if cached is not None:
             return cached
@@ -352,7 +353,12 @@ class AxisSums(LinearOperator):
                 valid = (rows[j] >= 0) & (rows[jj] >= 0)
                 elems = valid.nonzero().squeeze(-1)
                 pairs.append((elems, rows[j][elems] * m + rows[jj][elems]))
-        cached = (rows, pairs)
+        # the whole gram in one scatter: both triangles of every pair, then the diagonal
+        elems = torch.cat([e for e, _ in pairs] * 2) if pairs else rows[0][:0]
+        lower = [(f % m) * m + f // m for _, f in pairs]
+        diag = torch.arange(m, device=device) * (m + 1)
+        flat = torch.cat([f for _, f in pairs] + lower + [diag])
+        cached = (rows, pairs, (elems, flat))
         self._index_cache[device] = cached
         return cached
 
@@ -391,19 +397,17 @@ class AxisSums(LinearOperator):
 
         The diagonal is ``A s`` (each row's own sum); an off-diagonal entry
         pairs a row over ``a_j`` with a row over ``a_j'``, which share exactly
-        one entry ``i``, so it is ``s_i`` (or 0): a scatter of ``O(n k^2)``
-        values, differentiable in ``s``.
+        one entry ``i``, so it is ``s_i`` (or 0): one scatter of ``O(n k^2)``
+        values to distinct positions, differentiable in ``s``.
         """
         diag = self.matvec(s)
         if self.diagonal_gram:
             return diag
         m, lead = self.num_rows, s.shape[:-1]
-        _, pairs = self._index(s.device)
-        upper = s.new_zeros(lead + (m * m,))
-        for elems, flat in pairs:
-            upper = upper.index_add(-1, flat, s.index_select(-1, elems))
-        upper = upper.reshape(lead + (m, m))
-        return torch.diag_embed(diag) + upper + upper.transpose(-1, -2)
+        elems, flat = self._index(s.device)[2]
+        values = torch.cat([s.index_select(-1, elems), diag], -1)
+        G = s.new_zeros(lead + (m * m,)).index_add_(-1, flat, values)
+        return G.reshape(lead + (m, m))
 
     def quad_diag(self, M: torch.Tensor) -> torch.Tensor:
         """``diag(A^T M A)`` for ``M`` ``(..., m, m)``, in ``O(n k^2)``.
@@ -416,7 +420,7 @@ class AxisSums(LinearOperator):
         if self.diagonal_gram:
             return out
         m, lead = self.num_rows, M.shape[:-2]
-        _, pairs = self._index(M.device)
+        pairs = self._index(M.device)[1]
         sym = (M + M.transpose(-1, -2)).reshape(lead + (m * m,))
         extra = out.new_zeros(lead + (self.num_cols,))
         for elems, flat in pairs:
@@ -437,7 +441,7 @@ class AxisSums(LinearOperator):
         return self._gram_logdet
 
     def to_dense(self) -> torch.Tensor:
-        rows, _ = self._index(self._device)
+        rows = self._index(self._device)[0]
         dense = torch.zeros(self.num_rows, self.num_cols, dtype=self._dtype, device=self._device)
         cols = torch.arange(self.num_cols, device=self._device)
         for r in rows:
