@@ -70,13 +70,14 @@ class ConstrainedBernoulli(ConstrainedDistribution):
     ``N_max`` the largest ``total_count``, 1 for Bernoulli; checked by the
     tests against convolutions in float64 and ``scipy.stats.binom``):
 
-    * :meth:`log_prob`: absolute error ``<= 4 eps (|log p| + n log(1 + N_max))
-      + 4 eps_64 sum_i N_i log(1 + N_i)``. The per-entry log-pmfs are computed
-      in float64 for a Binomial base (``log C(N, x)`` cancels against the
-      log-sigmoid terms: torch's float32 ``Binomial.log_prob`` is off by about
-      ``eps N log N``, ``2e-4`` at ``N = 2000``) and summed in float64. The DP
-      runs in the base's dtype, or in float64 when one step touches at most
-      :data:`SMALL_DP_STEP` cells;
+    * :meth:`log_prob`: absolute error ``<= 2 eps (|log p| + n log(1 + N_max))
+      + 4 eps_64 sum_i N_i log(1 + N_i)``, also for totals far in the tail.
+      The per-entry log-pmfs are computed in float64 for a Binomial base
+      (``log C(N, x)`` cancels against the log-sigmoid terms: torch's float32
+      ``Binomial.log_prob`` is off by about ``eps N log N``, ``2e-4`` at
+      ``N = 2000``), in the base's dtype for a Bernoulli one (no cancellation),
+      and summed in float64. The DP runs in the base's dtype, or in float64
+      when one step touches at most :data:`SMALL_DP_STEP` cells;
     * :attr:`mean`: absolute error ``<= 16 eps N_max``.
 
     The cost, ``O(N_max |g| k_g)`` time and ``O(N_max k_g)`` memory per group

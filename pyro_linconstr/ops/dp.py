@@ -77,8 +77,9 @@ def _step(alpha: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return _LogAddExp.apply(alpha + w[..., :1], shifted + w[..., 1:])
     K1 = alpha.shape[-1]
     padded = torch.nn.functional.pad(alpha, (X - 1, 0), value=NEG)
-    windows = padded.unfold(-1, K1, 1).flip(-2)  # (..., X, K+1); row x = alpha(j - x)
-    return _LogSumExp.apply(windows + w.unsqueeze(-1), -2)
+    # (..., X, K+1): row r = alpha(j - (X - 1 - r)), a view; it meets the reversed w
+    windows = padded.unfold(-1, K1, 1)
+    return _LogSumExp.apply(windows + w.flip(-1).unsqueeze(-1), -2)
 
 
 def forward_tables(logw: torch.Tensor, K: int, keep: bool = False):
