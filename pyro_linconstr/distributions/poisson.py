@@ -229,11 +229,11 @@ class ConstrainedPoisson(ConstrainedDistribution):
             lp = self._log_prob_deviance(x, rate, k)
         else:
             if self._has_zero_rate:
-                lp = torch.xlogy(x, rate).sum(-1)
+                lp = _xlogy(x, rate).sum(-1)
             else:
                 lp = (x * rate.log()).sum(-1)
             lp = lp - log_factorial(x).sum(-1)
-            const = (torch.lgamma(k + 1) - torch.xlogy(k, self._group_rate)).sum(-1)
+            const = (torch.lgamma(k + 1) - _xlogy(k, self._group_rate)).sum(-1)
             if not layout.all_covered:
                 const = const - torch.where(layout.covered, 0.0, rate).sum(-1)
             lp = lp + const
@@ -250,9 +250,19 @@ class ConstrainedPoisson(ConstrainedDistribution):
         mu = self._layout.per_entry(k) * self._probs64()
         per_entry = stirling_remainder(x) + multinomial_deviance(x, mu)
         if not layout.all_covered:  # entries in no row: their Poisson log-pmf
-            free = torch.xlogy(x, rate) - rate - log_factorial(x)
+            free_rate = torch.where(layout.covered, 1.0, rate)
+            free = _xlogy(x, free_rate) - free_rate - log_factorial(x)
             per_entry = torch.where(layout.covered, per_entry, -free)
         return stirling_remainder(k).sum(-1) - per_entry.sum(-1)
+
+
+def _xlogy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x log y`` (``0`` at ``x = 0``, ``-inf`` at ``x > 0 = y``) whose gradient in ``y``
+    is ``0`` rather than ``torch.xlogy``'s ``nan`` where ``x = y = 0`` (there ``x log y``
+    is ``0`` for every ``y``)."""
+    pos = y > 0
+    out = x * torch.where(pos, y, torch.ones_like(y)).log()
+    return torch.where(pos | (x == 0), out, torch.full_like(out, -math.inf))
 
 
 @register_constrain(Poisson)

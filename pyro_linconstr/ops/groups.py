@@ -252,7 +252,7 @@ def multinomial_deviance(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
     mu_safe = torch.where(pos_mu, mu, torch.ones_like(mu))
     t = torch.where(pos_x & pos_mu, (x - mu_safe) / mu_safe, zero)
     dev = mu_safe * ((1 + t) * torch.log1p(t) - t)
-    dev = torch.where(pos_x, dev, torch.where(pos_mu, mu, zero).expand_as(dev))
+    dev = torch.where(pos_x, dev, mu.expand_as(dev))
     return torch.where(pos_x & ~pos_mu, torch.full((), math.inf, dtype=x.dtype), dev)
 
 

@@ -492,3 +492,22 @@ def test_bad_values_and_parameters():
         plc.constrain(
             dist.Poisson(torch.ones(3)).to_event(1), torch.ones(1, 3), torch.tensor([float("inf")])
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_log_prob_gradient_at_zero_rates(dtype):
+    # entries with rate 0 (in a group, alone in a group with total 0, in no group): the
+    # one-sided derivative d/d rate_i = x_i / rate_i - k_g / Lambda_g (x_i / rate_i = 0 at
+    # x_i = 0), or x_i / rate_i - 1 in no group; torch.xlogy would give nan there
+    A = torch.tensor([[1.0, 1, 0, 0, 0, 0], [0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 0, 1]], dtype=dtype)
+    b = torch.tensor([3.0, 2.0, 0.0], dtype=dtype)
+    rate = torch.tensor([0.0, 2.0, 1.0, 0.5, 0.0, 0.0], dtype=dtype, requires_grad=True)
+    x = torch.tensor([0.0, 3.0, 1.0, 1.0, 0.0, 0.0], dtype=dtype)
+    lp = plc.constrain(dist.Poisson(rate).to_event(1), A, b).log_prob(x)
+    (grad,) = torch.autograd.grad(lp, rate)
+    r, xs = rate.detach().double(), x.double()
+    ratio = torch.where(xs > 0, xs / r.clamp_min(1e-300), torch.zeros_like(xs))
+    # k_g / Lambda_g per entry: groups (3 / 2, 3 / 2), (2 / 1.5, 2 / 1.5), none (1), (0)
+    k_over_lam = torch.tensor([1.5, 1.5, 2 / 1.5, 2 / 1.5, 1.0, 0.0], dtype=torch.float64)
+    expected = ratio - k_over_lam
+    torch.testing.assert_close(grad.double(), expected)
