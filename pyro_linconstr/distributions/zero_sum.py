@@ -9,6 +9,7 @@ next to an intercept.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 
 import pyro.distributions as dist
@@ -75,6 +76,10 @@ def ZeroSumNormal(scale, event_shape, zero_sum_axes=None, loc=None, validate_arg
       conditioning. The mean is then ``loc`` corrected onto the subspace (its
       scale-weighted projection; ``loc`` itself when it already sums to zero).
 
+    With one ``scale`` per event (a scalar, or a tensor of size 1 along the
+    event dims) and no ``loc``, :meth:`log_prob` is that closed form (the
+    general formula without its solves, which NUTS calls at every step).
+
     Samples are exact (every margin zero to rounding), :meth:`rsample`
     is reparametrized in ``loc`` and ``scale``, and ``biject_to(d.support)``
     is an ``O(n)`` orthonormal chart (a Helmert basis per axis), so NUTS and
@@ -113,7 +118,8 @@ def ZeroSumNormal(scale, event_shape, zero_sum_axes=None, loc=None, validate_arg
     event_shape = _check_event_shape(event_shape)
     axes = _zero_sum_axes(zero_sum_axes, event_shape)
     scale = torch.as_tensor(scale, dtype=_float_dtype(scale, loc))
-    loc = torch.zeros((), dtype=scale.dtype) if loc is None else torch.as_tensor(loc)
+    no_loc = loc is None
+    loc = torch.zeros((), dtype=scale.dtype) if no_loc else torch.as_tensor(loc)
     if not loc.is_floating_point():
         loc = loc.to(scale.dtype)
     try:
@@ -131,7 +137,31 @@ def ZeroSumNormal(scale, event_shape, zero_sum_axes=None, loc=None, validate_arg
     A = _axis_sums(event_shape, tuple(axes), dtype, scale.device)
     base = dist.Normal(loc, scale, validate_args=False).expand(full).to_event(D)  # checked below
     b = torch.zeros(A.num_rows, dtype=dtype, device=scale.device)
-    return ConstrainedGaussian(base, A, b, validate_args=validate_args)
+    # decided from the shapes alone: one scale per event and no loc (the peers' case)
+    uniform = no_loc and all(s == 1 for s in scale.shape[max(scale.dim() - D, 0) :])
+    family = _UniformZeroSumNormal if uniform else ConstrainedGaussian
+    return family(base, A, b, validate_args=validate_args)
+
+
+class _UniformZeroSumNormal(ConstrainedGaussian):
+    r"""The peers' case, ``loc = 0`` and one ``sigma`` per event: ``log_prob`` in closed form.
+
+    On the subspace the conditional mean is 0 and ``Sigma = sigma^2 I``, so
+    ``log p(x) = -|x|^2 / (2 sigma^2) - d log sigma - (d / 2) log(2 pi)`` with
+    ``d = n - m``, the general formula of
+    :class:`~pyro_linconstr.distributions.ConstrainedGaussian` evaluated
+    without its solves (NUTS calls it at every leapfrog step). Everything
+    else is inherited.
+    """
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args and not self.is_marked_valid(value):
+            self._validate_sample(value)
+        x = self._flat(value).to(self._loc.dtype)
+        sigma = self._cov.scale[..., 0]
+        d = self._n - self._A.num_rows
+        quad = x.square().sum(-1) / sigma.square()
+        return -0.5 * quad - d * sigma.log() - 0.5 * d * math.log(2 * math.pi)
 
 
 @functools.lru_cache(maxsize=64)

@@ -113,6 +113,30 @@ def test_log_prob_is_numpyros_and_pymcs(shape):
         torch.testing.assert_close(lp, numpyro_log_prob(xi, sigma))
 
 
+@pytest.mark.parametrize("shape,axes", [((3, 4), None), ((2, 3, 4), (0, 2)), ((5,), None)])
+def test_closed_form_log_prob_equals_the_general_one(shape, axes):
+    """One scale per event and no loc: the closed form (values and gradients in the value and
+    the scale) equals the general ConstrainedGaussian formula for the same base and rows."""
+    scale = torch.tensor([[0.7], [1.9]], dtype=torch.float64).reshape((2,) + (1,) * len(shape))
+    s1 = scale.clone().requires_grad_()
+    d = plc.ZeroSumNormal(s1, shape, axes)
+    assert type(d).__name__ == "_UniformZeroSumNormal" and d.batch_shape == (2,)
+    A = plc.AxisSums(shape, range(len(shape)) if axes is None else axes)
+    s2 = scale.clone().requires_grad_()
+    base = dist.Normal(torch.zeros(shape, dtype=torch.float64), s2).to_event(len(shape))
+    ref = plc.constrain(base, A, torch.zeros(A.num_rows, dtype=torch.float64))
+    assert type(ref) is plc.distributions.ConstrainedGaussian
+    x = d.sample((3,)).requires_grad_()
+    lp, lp_ref = d.log_prob(x), ref.log_prob(x)
+    torch.testing.assert_close(lp, lp_ref)
+    (gx,) = torch.autograd.grad(lp.sum(), x, retain_graph=True)
+    (gx_ref,) = torch.autograd.grad(lp_ref.sum(), x, retain_graph=True)
+    torch.testing.assert_close(gx, gx_ref)
+    lp.sum().backward()
+    lp_ref.sum().backward()
+    torch.testing.assert_close(s1.grad, s2.grad)
+
+
 def test_log_prob_with_pymcs_n_zerosum_axes():
     """PyMC, n_zerosum_axes=1 on a (3, 4) value: the first axis is free."""
     sigma = 1.3
