@@ -20,8 +20,9 @@ from torch.distributions import constraints as _constraints
 from pyro_linconstr.ops.operators import DenseOperator, GroupSum, LinearOperator
 
 SUPPORTED_FORMS = (
-    "a plc.GroupSum(groups, num_groups), or a dense A whose rows have disjoint 0/1 "
-    "supports (each entry in at most one row; torch.ones(1, n) is a single sum)"
+    "a plc.GroupSum(groups, num_groups), or an A (dense, sparse, or an operator such as "
+    "plc.AxisSums over one axis) whose rows have disjoint 0/1 supports (each entry in at "
+    "most one row; torch.ones(1, n) is a single sum)"
 )
 
 
@@ -85,44 +86,54 @@ class GroupLayout:
 
     @classmethod
     def from_operator(cls, A: LinearOperator, family: str) -> GroupLayout:
-        """Recognise a group-sum constraint, or raise :class:`NotImplementedError`."""
+        """Recognise a group-sum constraint, or raise :class:`NotImplementedError`.
+
+        A :class:`~pyro_linconstr.GroupSum` gives its groups directly; any other
+        operator (dense, sparse, :class:`~pyro_linconstr.AxisSums`, ...) is read
+        through its dense matrix, which must have disjoint 0/1 rows.
+        """
         if isinstance(A, GroupSum):
             return cls(A.groups, A.num_groups)
         if isinstance(A, DenseOperator):
             M = A.matrix
-            if M.layout != torch.strided:  # sparse COO / CSR: read its pattern densely
-                M = M.to_dense()
-            m, n = M.shape[-2:]
-            if m == 0:  # no rows: every entry keeps its base law
-                return cls(torch.full((n,), -1, dtype=torch.long, device=M.device), 0)
-            flat = M.reshape(-1, m, n)
-            if flat.shape[0] == 0:  # an empty batch of matrices: nothing is constrained
-                return cls(torch.full((n,), -1, dtype=torch.long, device=M.device), m)
-            M0 = flat[0]
-            if flat.shape[0] > 1 and not bool((flat == M0).all()):
+        else:
+            try:
+                M = A.to_dense()
+            except NotImplementedError:
                 raise NotImplementedError(
-                    f"constrain: a {family} base needs the same sum constraint for the whole "
-                    "batch; a batched dense A with differing rows is not supported. Supported: "
-                    f"{SUPPORTED_FORMS}."
-                )
-            if not bool(((M0 == 0) | (M0 == 1)).all()):
-                raise NotImplementedError(
-                    f"constrain: a {family} base supports only sum constraints, and A has "
-                    f"entries other than 0 and 1. Supported: {SUPPORTED_FORMS}."
-                )
-            colsum = M0.sum(-2)
-            if bool((colsum > 1).any()):
-                raise NotImplementedError(
-                    f"constrain: a {family} base supports only sums over disjoint groups, and "
-                    "rows of A overlap (an entry appears in two rows). Supported: "
-                    f"{SUPPORTED_FORMS}."
-                )
-            groups = torch.where(colsum > 0, M0.argmax(-2), torch.full_like(colsum, -1).long())
-            return cls(groups, m)
-        raise NotImplementedError(
-            f"constrain: a {family} base supports only sum constraints; got the operator "
-            f"{type(A).__name__}. Supported: {SUPPORTED_FORMS}."
-        )
+                    f"constrain: a {family} base supports only sum constraints; got the "
+                    f"operator {type(A).__name__}, which has no dense form to read them from. "
+                    f"Supported: {SUPPORTED_FORMS}."
+                ) from None
+        if M.layout != torch.strided:  # sparse COO / CSR: read its pattern densely
+            M = M.to_dense()
+        m, n = M.shape[-2:]
+        if m == 0:  # no rows: every entry keeps its base law
+            return cls(torch.full((n,), -1, dtype=torch.long, device=M.device), 0)
+        flat = M.reshape(-1, m, n)
+        if flat.shape[0] == 0:  # an empty batch of matrices: nothing is constrained
+            return cls(torch.full((n,), -1, dtype=torch.long, device=M.device), m)
+        M0 = flat[0]
+        if flat.shape[0] > 1 and not bool((flat == M0).all()):
+            raise NotImplementedError(
+                f"constrain: a {family} base needs the same sum constraint for the whole "
+                "batch; a batched dense A with differing rows is not supported. Supported: "
+                f"{SUPPORTED_FORMS}."
+            )
+        if not bool(((M0 == 0) | (M0 == 1)).all()):
+            raise NotImplementedError(
+                f"constrain: a {family} base supports only sum constraints, and A has "
+                f"entries other than 0 and 1. Supported: {SUPPORTED_FORMS}."
+            )
+        colsum = M0.sum(-2)
+        if bool((colsum > 1).any()):
+            raise NotImplementedError(
+                f"constrain: a {family} base supports only sums over disjoint groups, and "
+                "rows of A overlap (an entry appears in two rows). Supported: "
+                f"{SUPPORTED_FORMS}."
+            )
+        groups = torch.where(colsum > 0, M0.argmax(-2), torch.full_like(colsum, -1).long())
+        return cls(groups, m)
 
     # ----------------------------------------------------------------- views
     def group_sum(self, x: torch.Tensor) -> torch.Tensor:

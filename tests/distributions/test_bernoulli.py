@@ -600,3 +600,16 @@ def test_bad_values_and_parameters():
             torch.ones(1, 3),
             torch.tensor([1.0]),
         )
+
+
+def test_structured_operator_reads_as_its_dense_matrix():
+    # AxisSums over one axis is a disjoint group sum: the enumeration oracle of its dense A
+    logits = torch.tensor([[0.3, -1.0, 2.0], [0.0, 1.5, -0.5]], dtype=torch.float64)
+    A = plc.AxisSums((2, 3), axes=1)
+    b = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    d = plc.constrain(dist.Bernoulli(logits=logits).to_event(2), A, b)
+    xs = enumerate_valid([1] * 6, A.to_dense().double(), b)
+    lp, mean, var = oracle(dist.Bernoulli(logits=logits.reshape(6)).to_event(1), xs)
+    torch.testing.assert_close(d.log_prob(xs.reshape(-1, 2, 3)), lp)
+    torch.testing.assert_close(d.mean.reshape(6), mean)
+    torch.testing.assert_close(d.variance.reshape(6), var)

@@ -511,3 +511,22 @@ def test_log_prob_gradient_at_zero_rates(dtype):
     k_over_lam = torch.tensor([1.5, 1.5, 2 / 1.5, 2 / 1.5, 1.0, 0.0], dtype=torch.float64)
     expected = ratio - k_over_lam
     torch.testing.assert_close(grad.double(), expected)
+
+
+def test_structured_operator_reads_as_its_dense_matrix():
+    # AxisSums over one axis is a disjoint group sum: same law as the GroupSum oracle
+    rate = torch.tensor([[1.0, 2.0, 3.0], [0.5, 1.0, 2.5]], dtype=torch.float64)
+    b = torch.tensor([4.0, 2.0], dtype=torch.float64)
+    d = plc.constrain(dist.Poisson(rate).to_event(2), plc.AxisSums((2, 3), axes=1), b)
+    ref = plc.constrain(
+        dist.Poisson(rate.reshape(6)).to_event(1),
+        plc.GroupSum(torch.tensor([0] * 3 + [1] * 3), 2),
+        b,
+    )
+    x = torch.tensor([[1.0, 1.0, 2.0], [0.0, 2.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(d.log_prob(x), ref.log_prob(x.reshape(6)))
+    torch.testing.assert_close(d.mean.reshape(6), ref.mean)
+    assert torch.equal(d.sample((3,)).sum(-1), b.expand(3, 2))
+    with pytest.raises(NotImplementedError, match="overlap"):  # two axes: rows overlap
+        both = plc.AxisSums((2, 3), axes=(0, 1))
+        plc.constrain(dist.Poisson(rate).to_event(2), both, torch.ones(both.num_rows))
