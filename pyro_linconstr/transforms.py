@@ -239,8 +239,9 @@ class _AxisHelmert:
             size = A.event_shape[a]
             others = torch.Size(shape[:a] + shape[a + 1 :])
             fibres = math.prod(others)
-            groups = torch.arange(fibres, device=A.device).repeat_interleave(size)
-            chart = _Helmert(GroupSum(groups, fibres), torch.zeros(fibres, dtype=b.dtype))
+            groups = torch.arange(fibres, device=b.device).repeat_interleave(size)  # b's device
+            zeros = torch.zeros(fibres, dtype=b.dtype, device=b.device)
+            chart = _Helmert(GroupSum(groups, fibres), zeros)
             self.stages.append((a - D, others, size, chart))
             shape[a] = size  # later axes see this one at full size
         self.x0 = _axis_sums_x0(A, b)
