@@ -2,6 +2,7 @@
 
 import math
 
+import pyro
 import pyro.distributions as dist
 import pytest
 import torch
@@ -169,6 +170,10 @@ def test_bad_input_errors(shape, axes, match):
 
 
 # --------------------------------------------------------- conditioning
+def _no_dense(self):
+    raise AssertionError("AxisSums.to_dense called: the m x n matrix was formed")
+
+
 def _problem(shape, axes, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     loc = torch.randn(shape, generator=g, dtype=dtype)
@@ -181,18 +186,16 @@ def _problem(shape, axes, seed=0, dtype=torch.float64):
 @pytest.mark.parametrize(
     "shape,axes", [((4, 5), (0, 1)), ((3, 4, 5), (0, 1, 2)), ((3, 4, 5), (2,))]
 )
-def test_conditioning_equals_dense_path_with_redundant_rows(shape, axes):
+def test_conditioning_equals_dense_path_with_redundant_rows(shape, axes, monkeypatch):
     """Mean, variance, log_prob and entropy equal those of a dense A of *all* margins
-    (redundant rows dropped by the SVD path) with the same margins."""
+    (redundant rows dropped by the library) with the same margins."""
     loc, scale, A, target = _problem(shape, axes)
     base = dist.Normal(loc, scale).to_event(len(shape))
-    d = plc.constrain(base, A, A.rhs(A.margins(target)))
     full = full_margins_matrix(shape, A.axes)
     b_full = target.reshape(2, -1) @ full.T
     ref = plc.constrain(base, full, b_full)
-    assert d._cond.row_map is None  # never the SVD path
-    if len(A.axes) > 1:
-        assert ref._cond.row_map is not None  # the dense A had redundant rows to drop
+    monkeypatch.setattr(plc.AxisSums, "to_dense", _no_dense)  # never a dense fallback
+    d = plc.constrain(base, A, A.rhs(A.margins(target)))
     assert d.batch_shape == (2,) and d.event_shape == shape
     torch.testing.assert_close(d.mean, ref.mean)
     torch.testing.assert_close(d.variance, ref.variance)
@@ -263,12 +266,8 @@ def test_large_grid_spread_variances_no_dense_fallback(dtype, monkeypatch):
     b = A.matvec((torch.randn(r, c, generator=g, dtype=torch.float64) * var.sqrt()).reshape(-1))
     dense = A.to_dense().double()
 
-    def no_dense(self):
-        raise AssertionError("AxisSums.to_dense called: the m x n matrix was formed")
-
-    monkeypatch.setattr(plc.AxisSums, "to_dense", no_dense)
+    monkeypatch.setattr(plc.AxisSums, "to_dense", _no_dense)
     d = plc.constrain(dist.Normal(loc.to(dtype), var.sqrt().to(dtype)).to_event(2), A, b.to(dtype))
-    assert d._cond.row_map is None and d._cond.chol is not None
     x = d.rsample((3,))
     eps = torch.finfo(dtype).eps
     c_n = exactness_constant(r * c)
@@ -282,3 +281,20 @@ def test_large_grid_spread_variances_no_dense_fallback(dtype, monkeypatch):
     v_ref = s - (K * torch.linalg.solve((dense * s) @ dense.T, K)).sum(0)
     kappa, eps64 = trusted_condition(torch.float64), torch.finfo(torch.float64).eps
     assert bool(((v - v_ref).abs() <= c_n * (eps * v_ref + kappa * eps64 * s)).all())
+
+
+def test_handler_project_and_param_accept_axis_sums():
+    A = plc.AxisSums((3, 4), (0, 1))
+    b = A.rhs((torch.tensor([1.0, 2.0, 0.0, -1.0]), torch.tensor([0.5, 1.0, 0.5])))
+
+    def model():
+        return pyro.sample("x", dist.Normal(torch.zeros(3, 4), 1.0).to_event(2))
+
+    with plc.LinearConstraint(A, b, site="x"):
+        x = model()
+    assert x.shape == (3, 4)
+    torch.testing.assert_close(x.sum(1), torch.tensor([0.5, 1.0, 0.5]))
+    y = plc.project(torch.randn(5, 12), A, b)
+    torch.testing.assert_close(A.matvec(y), b.expand(5, -1), atol=1e-5, rtol=1e-5)
+    p = pyro.param("p", torch.zeros(3, 4), constraint=plc.constraints.affine_subspace(A, b, (3, 4)))
+    torch.testing.assert_close(A.matvec(p.reshape(-1)), b)
