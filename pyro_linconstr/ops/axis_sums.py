@@ -132,8 +132,15 @@ class AxisSums(LinearOperator):
     :param dtype: the dtype of :meth:`to_dense` (default: torch's default
         dtype). :func:`~pyro_linconstr.constrain` converts the operator to the
         base's dtype; products follow their input's dtype.
-    :param device: the device of :meth:`to_dense` (default: CPU); products
-        run on their input's device.
+    :param device: the device of :meth:`to_dense` and :meth:`gram_logdet`
+        (default: CPU); products, and the chart of
+        :class:`~pyro_linconstr.transforms.AffineSubspaceTransform`, run on
+        their input's device.
+
+    The base's event must have shape ``event_shape`` (row-major flattening);
+    :func:`~pyro_linconstr.constrain` checks only that it has ``n`` entries,
+    so a transposed event of the same size would be summed along the wrong
+    axes.
     :raises ValueError: for an empty or non-positive ``event_shape``, an axis
         outside the event, a duplicate axis, or an axis of size 1.
 
