@@ -229,7 +229,7 @@ class ConstrainedBernoulli(ConstrainedDistribution):
         """Per-slot log-pmf table ``batch + (m, S, X)`` of the padded layout, of the
         tilted logits (:attr:`_tilt`), in :attr:`_dp_dtype` (see :func:`_binomial_logpmf`)."""
         dtype = self._dp_dtype
-        lp = self._layout.pad((logits + self._tilt).to(dtype), 0.0)
+        lp = self._layout.pad(logits.to(dtype) + self._tilt.to(dtype), 0.0)
         N = self._layout.pad(self._count.to(dtype), 0.0)
         xs = torch.arange(self._X, dtype=dtype, device=lp.device)
         return _binomial_logpmf(lp.unsqueeze(-1), N.unsqueeze(-1), xs, self._family)
@@ -237,7 +237,7 @@ class ConstrainedBernoulli(ConstrainedDistribution):
     @lazy_property
     def _tilt(self) -> torch.Tensor:
         """Per-entry shift ``theta_g`` of the logits of group ``g`` (0 on uncovered
-        entries), ``batch_shape + (n,)``, detached.
+        entries), ``batch_shape + (n,)``, float64, detached.
 
         ``Bin(x; N, sigmoid(l + theta)) = Bin(x; N, sigmoid(l)) e^{theta x} / M(theta)``:
         shifting a group's logits by a constant leaves its conditional law given
@@ -265,7 +265,7 @@ class ConstrainedBernoulli(ConstrainedDistribution):
                 slope = layout.group_sum(N * p * (1 - p)).clamp_min(1e-3)
                 theta = theta - (f / slope).clamp(-4.0, 4.0)
             theta = torch.where(cap > 0, theta.clamp(-60.0, 60.0), 0.0)
-            return layout.per_entry(theta).to(self._logits.dtype)
+            return layout.per_entry(theta)
 
     def _log_normalizer(self, logits: torch.Tensor) -> torch.Tensor:
         """``sum_g log Z_g`` of the tilted logits (see :attr:`_tilt`), shape
@@ -282,10 +282,12 @@ class ConstrainedBernoulli(ConstrainedDistribution):
             leaf = logits if create_graph else logits.detach().requires_grad_()
             logZ = self._log_normalizer(leaf).sum()
             (grad,) = torch.autograd.grad(logZ, leaf, create_graph=create_graph, allow_unused=True)
-        base_mean = self._count * torch.sigmoid(logits + self._tilt)
-        if grad is None:
-            return self._unflat(base_mean)
-        return self._unflat(base_mean + grad.to(base_mean.dtype))
+        # N sigmoid(l + theta) of the DP's table, in its dtype
+        dtype = self._dp_dtype
+        mean = self._count.to(dtype) * torch.sigmoid(logits.to(dtype) + self._tilt.to(dtype))
+        if grad is not None:
+            mean = mean + grad.to(dtype)
+        return self._unflat(mean.to(logits.dtype))
 
     @lazy_property
     def variance(self) -> torch.Tensor:
@@ -353,7 +355,7 @@ class ConstrainedBernoulli(ConstrainedDistribution):
         # normaliser sums exactly them), summed in float64
         # the DP's own numbers: tilted logits (the conditional law is invariant to the
         # tilt), in the DP's dtype; summed in float64
-        logits = (self._logits + self._tilt).to(self._dp_dtype)
+        logits = self._logits.to(self._dp_dtype) + self._tilt.to(self._dp_dtype)
         lp = _binomial_logpmf(logits, count, x, self._family).to(f64).sum(-1)
         lp = lp - self._log_normalizer(self._logits).to(f64)
         if not checked:
