@@ -17,7 +17,15 @@ orthogonal projection :func:`~pyro_linconstr.project`, the chart
   zero (the rows it belongs to are redundant);
 * :data:`CONSISTENCY_RTOL`: ``b`` is consistent with a rank-deficient ``A``
   when its component outside the range of ``A`` is below
-  ``CONSISTENCY_RTOL * sqrt(m) * eps`` of its scale.
+  ``CONSISTENCY_RTOL * sqrt(m) * eps`` of its scale (:func:`check_consistency`);
+* :func:`redundant_pivot_tolerance`: in the pivoted Cholesky of the
+  unit-diagonal gram ``D^{-1/2} A A^T D^{-1/2}`` (float64), a pivot at or below
+  it marks a *candidate* redundant row. The gram squares the singular values,
+  so this is ``max(RANK_RTOL * eps_64, (RANK_RTOL * eps)^2)`` per row of the
+  elimination (the float64 rounding floor of an exactly redundant row, and the
+  square of the SVD's rank tolerance); a candidate is dropped only after its
+  reconstruction from the kept rows, computed from ``A`` itself, passes the
+  SVD's ``RANK_RTOL * eps`` test (see :mod:`~pyro_linconstr.ops.conditioning`).
 """
 
 from __future__ import annotations
@@ -32,8 +40,10 @@ __all__ = [
     "OBSERVED_SLACK",
     "RANK_RTOL",
     "SVDSolution",
+    "check_consistency",
     "check_empty_groups",
     "exactness_constant",
+    "redundant_pivot_tolerance",
     "svd_solve",
 ]
 
@@ -45,6 +55,33 @@ OBSERVED_SLACK = 4.0
 def exactness_constant(n: int) -> float:
     """``c = 8 sqrt(n)``: samples satisfy ``|A x - b| <= c eps (|A||x| + |b|)`` row by row."""
     return 8.0 * math.sqrt(n)
+
+
+def redundant_pivot_tolerance(m: int, eps: float) -> float:
+    """Pivot (of a unit-diagonal float64 gram of ``m`` rows) at or below which a row is a
+    candidate for redundancy: ``m * max(RANK_RTOL * eps_64, (RANK_RTOL * eps)^2)``."""
+    eps64 = torch.finfo(torch.float64).eps
+    return max(m, 1) * max(RANK_RTOL * eps64, (RANK_RTOL * eps) ** 2)
+
+
+def check_consistency(
+    resid: torch.Tensor, scale: torch.Tensor, m: int, eps: float, what: str
+) -> None:
+    """Raise when ``b`` leaves the range of ``A``: ``resid > CONSISTENCY_RTOL sqrt(m) eps scale``.
+
+    :param resid: ``(...)`` norm of the component of ``b`` that no ``x`` reaches.
+    :param scale: ``(...)`` the scale it is measured against (``b`` and what the
+        solution makes of it).
+    :param int m: rows of ``A``; :param float eps: the caller's machine epsilon.
+    :param str what: the caller's name, for the message.
+    """
+    bad = resid > CONSISTENCY_RTOL * math.sqrt(max(m, 1)) * eps * scale
+    if bool(bad.any()):
+        worst = float((resid / scale.clamp_min(1e-300)).max())
+        raise ValueError(
+            f"{what}: inconsistent b: A x = b has no solution (b leaves the range of A, "
+            f"relative residual {worst:.3g}). Fix b, or drop the contradictory rows of A."
+        )
 
 
 def check_empty_groups(sizes: torch.Tensor, b: torch.Tensor, what: str) -> torch.Tensor:
@@ -127,12 +164,6 @@ def svd_solve(
     coef = proj * inv
     resid = b64 - (U @ proj.unsqueeze(-1)).squeeze(-1)
     scale = b64.norm(dim=-1) + smax.squeeze(-1) * coef.norm(dim=-1)
-    bad = resid.norm(dim=-1) > CONSISTENCY_RTOL * math.sqrt(max(m, 1)) * eps * scale
-    if bool(bad.any()):
-        worst = float((resid.norm(dim=-1) / scale.clamp_min(1e-300)).max())
-        raise ValueError(
-            f"{what}: inconsistent b: A x = b has no solution (b leaves the range of A, "
-            f"relative residual {worst:.3g}). Fix b, or drop the contradictory rows of A."
-        )
+    check_consistency(resid.norm(dim=-1), scale, m, eps, what)
     x0 = (Vh[..., :k, :].transpose(-1, -2) @ coef.unsqueeze(-1)).squeeze(-1)
     return SVDSolution(U, sv, Vh, keep, keep.sum(-1), x0, coef)

@@ -333,12 +333,19 @@ class GroupSum(LinearOperator):
 
 
 def as_operator(A) -> LinearOperator:
-    """Wrap a dense tensor as a :class:`DenseOperator`; pass operators through."""
+    """Wrap a dense tensor as a :class:`DenseOperator` and a sparse COO / CSR tensor as a
+    :class:`~pyro_linconstr.ops.sparse.SparseOperator` (the same operator for the same,
+    unmodified tensor); pass operators through."""
     if isinstance(A, LinearOperator):
         return A
     if isinstance(A, torch.Tensor):
+        if A.layout != torch.strided:  # sparse: checked (layout, shape, values) there
+            from pyro_linconstr.ops.sparse import from_tensor
+
+            return from_tensor(A)
         return DenseOperator(A)
     raise TypeError(
-        f"A must be a torch.Tensor of shape (..., m, n) or a pyro_linconstr operator "
+        f"A must be a torch.Tensor of shape (..., m, n) (dense, or a sparse COO / CSR m x n "
+        f"matrix) or a pyro_linconstr operator "
         f"such as plc.GroupSum, got {type(A).__name__}."
     )
