@@ -74,10 +74,11 @@ class ConstrainedBernoulli(ConstrainedDistribution):
       + 4 eps_64 sum_i N_i log(1 + N_i)``, also for totals far in the tail.
       The per-entry log-pmfs are computed in float64 for a Binomial base
       (``log C(N, x)`` cancels against the log-sigmoid terms: torch's float32
-      ``Binomial.log_prob`` is off by about ``eps N log N``, ``2e-4`` at
+      ``Binomial.log_prob`` is off by up to ``eps N log N``, ``1e-3`` at
       ``N = 2000``), in the base's dtype for a Bernoulli one (no cancellation),
       and summed in float64. The DP runs in the base's dtype, or in float64
-      when one step touches at most :data:`SMALL_DP_STEP` cells;
+      when one step touches at most ``SMALL_DP_STEP = 2048`` cells (batch x groups
+      x (max total + 1) x values), where its cost is per-op overhead anyway;
     * :attr:`mean`: absolute error ``<= 16 eps N_max``.
 
     The cost, ``O(N_max |g| k_g)`` time and ``O(N_max k_g)`` memory per group
