@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -127,6 +128,9 @@ class ConstrainedBernoulli(ConstrainedDistribution):
         "b": constraints.nonnegative_integer,
     }
     has_rsample = False
+    has_enumerate_support = True
+    #: The largest support :meth:`enumerate_support` builds.
+    max_enumeration = 2**16
 
     def __init__(self, base, A: LinearOperator, b: torch.Tensor, validate_args=None) -> None:
         parsed = parse_base(base)
@@ -339,6 +343,63 @@ class ConstrainedBernoulli(ConstrainedDistribution):
         self.mark_valid(x)
         return x
 
+    # ------------------------------------------------------------ enumeration
+    def enumerate_support(self, expand: bool = True) -> torch.Tensor:
+        """Every value of the support, ``(K,) + batch_shape + event_shape``.
+
+        For :class:`pyro.infer.TraceEnum_ELBO` with ``config_enumerate``: a latent
+        selection of exactly ``k`` items (or counts with fixed group totals) is
+        summed out exactly instead of sampled. The values are every vector with
+        ``0 <= x_i <= total_count_i`` and the group sums ``b``, in lexicographic
+        order per group; entries in no group take all their values.
+
+        Pyro's parallel enumeration shares one set of values across the batch,
+        so ``b`` and ``total_count`` must be the same for every batch element
+        (``logits`` may differ), and the support must hold at most
+        :attr:`max_enumeration` points (``C(n, k)`` for one group of ``n``
+        Bernoulli entries summing to ``k``).
+
+        :param bool expand: expand the values over the batch (``(K,) + batch +
+            event``) or leave size-1 batch dims (``(K,) + (1,) * len(batch) + event``).
+        :raises ValueError: when the support differs across the batch or is larger
+            than :attr:`max_enumeration`.
+
+        Example::
+
+            >>> import torch, pyro.distributions as dist, pyro_linconstr as plc
+            >>> d = plc.constrain(dist.Bernoulli(probs=torch.full((4,), 0.3)).to_event(1),
+            ...                   torch.ones(1, 4), torch.tensor([2.0]))
+            >>> d.enumerate_support().shape  # C(4, 2) selections
+            torch.Size([6, 4])
+        """
+        n, layout = self._n, self._layout
+        totals = self._totals.reshape(-1, self._totals.shape[-1])
+        counts = self._count.reshape(-1, n)
+        if totals.shape[0] > 1 and not (
+            bool((totals == totals[:1]).all()) and bool((counts == counts[:1]).all())
+        ):
+            raise ValueError(
+                "ConstrainedBernoulli.enumerate_support: the group totals b (or total_count) "
+                "differ across the batch, so the batch has no common support to enumerate; "
+                "Pyro's parallel enumeration needs one. Enumerate per batch element (a loop "
+                "over sites), or use a sampling estimator."
+            )
+        if totals.shape[0] == 0:
+            values = torch.zeros((0, n), dtype=self._logits.dtype, device=self._logits.device)
+        else:
+            values = _enumerate_values(
+                layout,
+                totals[0].tolist(),
+                [int(c) for c in counts[0].tolist()],
+                self.max_enumeration,
+            ).to(dtype=self._logits.dtype, device=self._logits.device)
+        values = self._unflat(values)
+        K = values.shape[0]
+        values = values.reshape((K,) + (1,) * len(self.batch_shape) + self.event_shape)
+        if expand:
+            values = values.expand((K,) + self.batch_shape + self.event_shape)
+        return values
+
     # ------------------------------------------------------------ density
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         check_value(value, self.batch_shape, self.event_shape, "ConstrainedBernoulli")
@@ -352,8 +413,6 @@ class ConstrainedBernoulli(ConstrainedDistribution):
         if not checked:  # unvalidated values: off the support -> -inf, never an error
             ok = (x >= 0) & (x <= count) & (x == x.round())
             x = torch.where(ok, x, torch.zeros((), dtype=f64, device=x.device))
-        # the per-entry log-pmfs are the numbers the DP's table holds (so that the
-        # normaliser sums exactly them), summed in float64
         # the DP's own numbers: tilted logits (the conditional law is invariant to the
         # tilt), in the DP's dtype; summed in float64
         logits = self._logits.to(self._dp_dtype) + self._tilt.to(self._dp_dtype)
@@ -364,6 +423,55 @@ class ConstrainedBernoulli(ConstrainedDistribution):
             ok = ok.all(-1) & (self._layout.group_sum(x) == k).all(-1)
             lp = torch.where(ok, lp, torch.full_like(lp, -math.inf))
         return lp.to(self._logits.dtype)
+
+
+def _bounded_compositions(total: int, caps: list[int]):
+    """Every tuple ``v`` with ``0 <= v_i <= caps[i]`` and ``sum(v) == total`` (lexicographic)."""
+    if not caps:
+        if total == 0:
+            yield ()
+        return
+    rest = sum(caps[1:])
+    for v in range(max(0, total - rest), min(caps[0], total) + 1):
+        for tail in _bounded_compositions(total - v, caps[1:]):
+            yield (v,) + tail
+
+
+def _count_compositions(total: int, caps: list[int]) -> int:
+    ways = [1] + [0] * total  # ways[j]: tuples of the entries so far summing to j
+    for c in caps:
+        ways = [sum(ways[j - v] for v in range(0, min(c, j) + 1)) for j in range(total + 1)]
+    return ways[total]
+
+
+def _enumerate_values(layout, totals: list, counts: list[int], limit: int) -> torch.Tensor:
+    """All support points ``(K, n)`` of disjoint group sums (see ``enumerate_support``)."""
+    parts = []  # (entries, list of value tuples) per group, then per uncovered entry
+    size = 1
+    for g in range(layout.num_groups):
+        entries = layout.index[g][~layout.pad_mask[g]].tolist()
+        caps = [counts[i] for i in entries]
+        k = int(totals[g])
+        size *= _count_compositions(k, caps)
+        parts.append((entries, k, caps))
+    free = (~layout.covered).nonzero().flatten().tolist()
+    for i in free:
+        size *= counts[i] + 1
+    if size > limit:
+        raise ValueError(
+            f"ConstrainedBernoulli.enumerate_support: the support has {size} points, more than "
+            f"max_enumeration = {limit}; enumerate a smaller site or use a sampling estimator "
+            "(plc.infer.ConstrainedTrace_ELBO with estimator='score' or 'marginal')."
+        )
+    options = [(entries, list(_bounded_compositions(k, caps))) for entries, k, caps in parts] + [
+        ([i], [(v,) for v in range(counts[i] + 1)]) for i in free
+    ]
+    values = torch.zeros(size, layout.n, dtype=torch.float64)
+    for row, combo in enumerate(itertools.product(*(vals for _, vals in options))):
+        for (entries, _), vals in zip(options, combo):
+            if entries:
+                values[row, entries] = torch.tensor(vals, dtype=torch.float64)
+    return values
 
 
 def _log_binom(N: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
