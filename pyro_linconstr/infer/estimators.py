@@ -45,6 +45,7 @@ from pyro.poutine.messenger import Messenger
 from torch.distributions import Distribution, Independent
 
 from pyro_linconstr.distributions.base import ConstrainedDistribution
+from pyro_linconstr.infer.distributed import all_reduce_mean, distributed_active
 
 SAMPLE_ESTIMATORS = ("reparam", "marginal", "score")
 ESTIMATORS = SAMPLE_ESTIMATORS + ("closed_form",)
@@ -262,7 +263,19 @@ class ScoreBaseline:
       The first sample of a site uses ``c = 0``; a cost whose shape changed
       (e.g. another subsample size) uses the scalar mean of the average.
 
+    **Several processes.** When ``torch.distributed`` is initialised (or a
+    ``process_group`` is given), the running average is the same on every
+    process: each update averages the cost over all elements of all
+    processes (one ``all_reduce`` of two float64 numbers per site and step),
+    so the average is a scalar per site, whatever each process's batch shape.
+    It is still updated after use, so the estimator stays unbiased. The
+    leave-one-out baseline is local (a process's own particles). Every process
+    must evaluate the same score sites in the same order (the same model),
+    as for any collective.
+
     :param float decay: the running average's decay, in ``[0, 1)``.
+    :param process_group: the processes that share the average (default: all
+        of them when ``torch.distributed`` is initialised, else none).
 
     Example::
 
@@ -273,10 +286,11 @@ class ScoreBaseline:
         (tensor(0.), tensor(2.))
     """
 
-    def __init__(self, decay: float = 0.9) -> None:
+    def __init__(self, decay: float = 0.9, process_group=None) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ScoreBaseline: decay must be in [0, 1), got {decay}.")
         self.decay = decay
+        self.process_group = process_group
         self._average: dict[str, torch.Tensor] = {}
 
     def __call__(
@@ -293,14 +307,17 @@ class ScoreBaseline:
             n = cost.shape[particle_dim]
             if n > 1:
                 return (cost.sum(particle_dim, keepdim=True) - cost) / (n - 1)
+        stat = cost
+        if distributed_active(self.process_group):
+            stat = all_reduce_mean(cost, self.process_group)
         old = self._average.get(name)
         if old is None:
-            self._average[name] = cost
+            self._average[name] = stat
             return torch.zeros_like(cost)
-        if old.shape != cost.shape:
-            old = old.mean().expand(cost.shape)
-        self._average[name] = self.decay * old + (1 - self.decay) * cost
-        return old
+        if old.shape != stat.shape:
+            old = old.mean().expand(stat.shape)
+        self._average[name] = self.decay * old + (1 - self.decay) * stat
+        return old.expand(cost.shape)
 
 
 def particle_dim(site: dict) -> int | None:
