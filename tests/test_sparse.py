@@ -455,6 +455,13 @@ def test_zero_row_needs_a_zero_target():
         plc.constrain(base, D.to_sparse(), torch.tensor([1.0, 0.5, 2.0], dtype=F64))
 
 
+def test_square_law_is_an_error():
+    A = (torch.eye(5, dtype=F64) + torch.diag(torch.ones(4, dtype=F64), 1)).to_sparse()
+    base = dist.Normal(torch.zeros(5, dtype=F64), 1.0).to_event(1)
+    with pytest.raises(ValueError, match="m >= n"):
+        plc.constrain(base, A, torch.ones(5, dtype=F64))
+
+
 def test_too_many_independent_rows_after_dropping():
     path = torch.stack([torch.arange(7), torch.arange(1, 8)], 1)  # a tree: 7 edges, rank 7
     A = incidence(path, 8)
@@ -583,3 +590,25 @@ def test_pickle_and_deepcopy():
         torch.testing.assert_close(e.mean, d.mean)
         y = e.sample()
         assert d.support.check(y).all()
+
+
+@pytest.mark.parametrize("fmt", ["coo", "csr"])
+def test_discrete_families_accept_a_sparse_sum_law(fmt):
+    """Disjoint 0/1 rows (read through the dense matrix by the discrete families)."""
+    D = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0, 0.0]])
+    A = layout(D.to_sparse(), fmt)
+    for base, b in [
+        (
+            dist.Poisson(torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5])).to_event(1),
+            torch.tensor([4.0, 3.0]),
+        ),
+        (
+            dist.Bernoulli(torch.tensor([0.2, 0.6, 0.5, 0.7, 0.4])).to_event(1),
+            torch.tensor([2.0, 1.0]),
+        ),
+    ]:
+        ds, dd = plc.constrain(base, A, b), plc.constrain(base, D, b)
+        x = dd.sample((6,))
+        torch.testing.assert_close(ds.log_prob(x), dd.log_prob(x))
+        torch.testing.assert_close(ds.mean, dd.mean)
+        assert (ds.sample((4,)) @ D.T == b).all()

@@ -177,6 +177,13 @@ class _GroupMatheron(torch.autograd.Function):
         )
 
 
+def _swap(u: torch.Tensor, v: torch.Tensor) -> None:
+    """Swap two equally shaped views in place (plain copies: no indexing kernels)."""
+    tmp = u.clone()
+    u.copy_(v)
+    v.copy_(tmp)
+
+
 def pivoted_cholesky(
     C: torch.Tensor, tol: float, block: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -212,12 +219,11 @@ def pivoted_cholesky(
                 stop = True
                 break
             if p != k:  # swap rows and columns k and p of what is still used
-                sw, ws = [k, p], [p, k]
-                W[sw, k0:] = W[ws, k0:]
-                W[k0:, sw] = W[k0:, ws]
-                d[sw] = d[ws]
-                Lb[:, sw] = Lb[:, ws]
-                L[sw, :k0] = L[ws, :k0]
+                _swap(W[k, k0:], W[p, k0:])
+                _swap(W[k0:, k], W[k0:, p])
+                _swap(d[k], d[p])
+                _swap(Lb[:, k], Lb[:, p])
+                _swap(L[k, :k0], L[p, :k0])
                 perm[k], perm[p] = perm[p], perm[k]
             root = math.sqrt(val)
             # row k of the trailing matrix (symmetric: a contiguous read), updated by the block
@@ -413,7 +419,8 @@ class Conditioning:
     :param torch.Tensor b: ``(..., m)``, already broadcast to the batch shape.
 
     Attributes after factoring: the *working* system ``(A, b)`` and
-    covariance (the original ones, or float64 orthonormal rows after
+    covariance (the original ones, the kept rows ``kept`` after dropping
+    redundant ones, or float64 orthonormal rows after
     :meth:`_orthonormalize`), and either ``gram_diag`` (a diagonal ``S``) or
     ``S`` with its Cholesky factor ``chol``.
     """
@@ -453,6 +460,12 @@ class Conditioning:
             return
         chol, ok = _safe_cholesky(S)
         if ok:
+            if A.num_rows >= self.n:  # full rank, m = n: nothing left to sample
+                raise ValueError(
+                    f"constrain: m >= n (A has {A.num_rows} independent rows and n = {self.n} "
+                    "columns): the constraint determines x completely; there is nothing to "
+                    "sample. Use fewer constraints than entries."
+                )
             self.S, self.chol = S, chol
             return
         if self._reduce_rows():
