@@ -235,10 +235,10 @@ def test_nuts_recovers_a_known_zero_sum_posterior():
         eff = pyro.sample("eff", plc.ZeroSumNormal(torch.tensor(tau, dtype=torch.float64), shape))
         pyro.sample("y", dist.Normal(eff, noise).to_event(2), obs=y)
 
-    mcmc = MCMC(NUTS(model), num_samples=400, warmup_steps=200, disable_progbar=True)
+    mcmc = MCMC(NUTS(model), num_samples=300, warmup_steps=150, disable_progbar=True)
     mcmc.run(y)
-    draws = mcmc.get_samples()["eff"].reshape(400, -1)
-    assert draws.reshape(400, *shape).sum(-1).abs().max() < 1e-10
+    draws = mcmc.get_samples()["eff"].reshape(300, -1)
+    assert draws.reshape(300, *shape).sum(-1).abs().max() < 1e-10
 
     # exact posterior: x = N z, z ~ N(0, tau^2 I), y ~ N(N z, diag(noise^2))
     P = zero_sum_projector(shape, (0, 1))
