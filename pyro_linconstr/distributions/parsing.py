@@ -186,6 +186,14 @@ def check_constraint(
             f"constrain: A has {A.num_cols} columns but the base's event "
             f"{tuple(parsed.event_shape)} has n = {n} entries; A must have shape (..., m, {n})."
         )
+    op_event = getattr(A, "event_shape", None)  # an operator defined on a shaped event
+    if op_event is not None and parsed.event_shape not in (torch.Size(op_event), (n,)):
+        raise ValueError(
+            f"constrain: A is defined on events of shape {tuple(op_event)} (e.g. plc.AxisSums) "
+            f"but the base's event has shape {tuple(parsed.event_shape)}; its axes would be "
+            f"read in the wrong places. Give the base the event shape {tuple(op_event)} "
+            "(or a flat event of the same size in row-major order)."
+        )
     if b.dim() < 1 or b.shape[-1] != A.num_rows:
         raise ValueError(
             f"constrain: b must have shape (..., m) with m = {A.num_rows} (the rows of A), "

@@ -137,10 +137,10 @@ class AxisSums(LinearOperator):
         :class:`~pyro_linconstr.transforms.AffineSubspaceTransform`, run on
         their input's device.
 
-    The base's event must have shape ``event_shape`` (row-major flattening);
-    :func:`~pyro_linconstr.constrain` checks only that it has ``n`` entries,
-    so a transposed event of the same size would be summed along the wrong
-    axes.
+    The base's event must have shape ``event_shape``, or be a flat vector of
+    its ``n`` entries in row-major order; :func:`~pyro_linconstr.constrain`
+    rejects any other shape (a transposed event would be summed along the
+    wrong axes).
     :raises ValueError: for an empty or non-positive ``event_shape``, an axis
         outside the event, a duplicate axis, or an axis of size 1.
 

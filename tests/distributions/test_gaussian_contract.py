@@ -270,3 +270,12 @@ def test_an_observed_value_is_checked_once(monkeypatch):
         tr = pyro.poutine.trace(model).get_trace(y)
     tr.compute_log_prob()
     assert len(calls) == 1 and torch.isfinite(tr.nodes["y"]["log_prob_sum"])
+
+
+def test_an_operator_on_a_shaped_event_rejects_another_shape():
+    A = plc.AxisSums((3, 4), (0, 1))
+    b = torch.zeros(A.num_rows)
+    plc.constrain(dist.Normal(torch.zeros(3, 4), 1.0).to_event(2), A, b)
+    plc.constrain(dist.Normal(torch.zeros(12), 1.0).to_event(1), A, b)  # flat, row-major
+    with pytest.raises(ValueError, match=r"events of shape \(3, 4\)"):
+        plc.constrain(dist.Normal(torch.zeros(4, 3), 1.0).to_event(2), A, b)
