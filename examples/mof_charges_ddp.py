@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -255,59 +256,88 @@ def allreduce_seconds(num_params: int, device, repeats: int = 200) -> dict:
 
 
 # ------------------------------------------------------------ the measurement
-def launch(nproc: int, args, json_path: str, save: str, comm: bool) -> dict:
-    """Run this script under ``torchrun --standalone --nproc_per_node nproc``."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += [f"--nproc_per_node={nproc}", __file__, "--json", json_path, "--save", save]
-    cmd += ["--epochs", str(args.epochs), "--batch", str(args.batch)]
-    cmd += ["--objective", args.objective, "--dtype", args.dtype]
+def command(args, json_path: str, save: str, nproc: int | None = None, comm: bool = False):
+    """This script as a command: under ``torchrun`` with ``nproc`` processes, or plain python."""
+    cmd = [sys.executable]
+    if nproc is not None:
+        cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += [__file__, "--json", json_path, "--save", save, "--epochs", str(args.epochs)]
+    cmd += ["--batch", str(args.batch), "--objective", args.objective, "--dtype", args.dtype]
     if args.max_crystals:
         cmd += ["--max-crystals", str(args.max_crystals)]
     if comm:
         cmd.append("--comm")
+    return cmd
+
+
+def run_all(cmds: list[list[str]]) -> None:
+    """Run the commands at the same time (one thread each) and wait for all of them."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-    return json.loads(Path(json_path).read_text())
+    procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL) for c in cmds]
+    for p, c in zip(procs, cmds):
+        if p.wait() != 0:
+            raise RuntimeError(f"failed ({p.returncode}): {' '.join(c)}")
 
 
 def measure(args) -> str:
-    runs = {1: [], 2: []}
+    """1 process, 2 DDP processes, and 2 independent 1-process runs at once, alternately."""
+    load_before = os.getloadavg()
+    runs: dict[str, list] = {"1": [], "2": [], "pair": []}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeats):
-            for w in (1, 2):  # alternate, so that a busy spell of the machine hits both
-                j, s = f"{tmp}/{w}_{rep}.json", f"{tmp}/{w}_{rep}.pt"
-                runs[w].append((launch(w, args, j, s, comm=(w == 2 and rep == 0)), s))
-        p1 = torch.load(runs[1][0][1])
-        p2 = torch.load(runs[2][0][1])
-        rerun = torch.load(runs[1][1][1]) if args.repeats > 1 else None
-    r1, r2 = runs[1][0][0], runs[2][0][0]
-    # per-epoch seconds, the first epoch of every run left out (warm-up)
-    e1 = [t for r, _ in runs[1] for t in r["epoch_seconds"][1:]]
-    e2 = [t for r, _ in runs[2] for t in r["epoch_seconds"][1:]]
-    t1, t2 = statistics.median(e1), statistics.median(e2)
+            for kind in ("1", "2", "pair"):  # alternate: a busy spell of the machine hits all
+                f = [f"{tmp}/{kind}_{rep}_{k}" for k in "ab"]
+                if kind == "pair":
+                    run_all([command(args, x + ".json", x + ".pt") for x in f])
+                else:
+                    comm = kind == "2" and rep == 0
+                    run_all([command(args, f[0] + ".json", f[0] + ".pt", int(kind), comm)])
+                for x in f[: 2 if kind == "pair" else 1]:
+                    runs[kind].append((json.loads(Path(x + ".json").read_text()), x + ".pt"))
+        state = {k: [torch.load(pt) for _, pt in v] for k, v in runs.items()}
+    load_after = os.getloadavg()
+    r1, r2 = runs["1"][0][0], runs["2"][0][0]
+
+    def epoch_time(kind):  # median seconds per epoch; the first epoch of every run is warm-up
+        return statistics.median(t for r, _ in runs[kind] for t in r["epoch_seconds"][1:])
+
+    t1, t2, tp = epoch_time("1"), epoch_time("2"), epoch_time("pair")
+    p1, p2 = state["1"][0], state["2"][0]
     diff = max(float((p1[k] - p2[k]).abs().max()) for k in p1)
     scale = max(float(p1[k].abs().max()) for k in p1)
-    same = rerun is not None and all(torch.equal(p1[k], rerun[k]) for k in p1)
+    same1 = all(torch.equal(p1[k], q[k]) for q in state["1"] + state["pair"] for k in p1)
+    same2 = all(torch.equal(p2[k], q[k]) for q in state["2"] for k in p2)
     P = r1["parameters"]
     comm = r2["allreduce"]
+    grad_s = comm["gradient"]["seconds"]
     lines = [
         "MOF charges under DistributedDataParallel (examples/mof_charges_ddp.py --measure)",
         f"objective {r1['objective']}, {r1['dtype']}, {r1['train_crystals']} training crystals, "
         f"global batch {r1['batch']} crystals, {r1['steps_per_epoch']} steps per epoch, "
-        f"{r1['epochs']} epochs, gloo on CPU, 1 thread per process, "
-        f"{os.cpu_count()} cores, {args.repeats} alternating runs per process count",
+        f"{r1['epochs']} epochs per run, gloo on CPU, 1 thread per process",
+        f"machine: {os.cpu_count()} cores shared with other jobs, load average "
+        f"{load_before[0]:.1f} before and {load_after[0]:.1f} after; {args.repeats} rounds of "
+        "(1 process, 2 DDP processes, 2 independent 1-process runs at once)",
         "",
         "same results, one process vs two (the same global batches):",
-        f"  parameters: max |difference| {diff:.2e} (largest |parameter| {scale:.2f}); "
-        f"one process run twice: {'bit-identical' if same else 'not compared'}",
+        f"  parameters after training: max |difference| {diff:.2e} (largest |parameter| "
+        f"{scale:.2f}); every 1-process run bit-identical: {same1}; every 2-process run "
+        f"bit-identical: {same2}",
         f"  validation MAD  {r1['val']['mad']:.6f} (1 process)  {r2['val']['mad']:.6f} (2)",
         f"  test MAD        {r1['test']['mad']:.6f} (1 process)  {r2['test']['mad']:.6f} (2)",
         f"  max |net charge| of a predicted test crystal {r1['test']['max_net_charge']:.1e} / "
-        f"{r2['test']['max_net_charge']:.1e}",
+        f"{r2['test']['max_net_charge']:.1e} e",
         "",
         "time per training epoch (median over epochs 2.. of every run):",
-        f"  1 process {t1:.3f} s, 2 processes {t2:.3f} s: ratio 2 / 1 = {t2 / t1:.3f} "
-        f"(speed-up {t1 / t2:.2f}x)",
+        f"  1 process                                 {t1:.3f} s",
+        f"  2 processes, DDP                          {t2:.3f} s   ratio 2 / 1 = {t2 / t1:.3f}, "
+        f"speed-up {t1 / t2:.2f}x",
+        f"  2 independent 1-process runs at once      {tp:.3f} s each: this machine does two "
+        f"epochs in {tp:.3f} s,",
+        f"      so the best 2 processes can do here is {tp / 2:.3f} s per epoch (speed-up "
+        f"{t1 / (tp / 2):.2f}x); DDP reaches {100 * (tp / 2) / t2:.0f}% of it",
+        f"  gradient all-reduce: {r1['steps_per_epoch']} steps x {grad_s * 1e6:.0f} us = "
+        f"{r1['steps_per_epoch'] * grad_s:.3f} s per epoch if none of it overlapped the backward",
         "",
         "communication per step:",
         f"  DDP all-reduces the gradient: {P} parameters x 4 bytes = {4 * P} bytes "
@@ -326,67 +356,77 @@ def measure(args) -> str:
 
 def scaling_model(t1: float, r1: dict, P: int, comm: dict) -> list[str]:
     """The alpha-beta model of an epoch on W processes, from the one-process epoch."""
-    steps1 = r1["steps_per_epoch"]
-    compute_step = t1 / steps1  # one process, a whole global batch
-    per_crystal = compute_step / r1["batch"]
+    per_crystal = t1 / r1["train_crystals"]
     M = 4 * P
     # this machine: a 4 MB all-reduce is bandwidth-bound, a 1-float one latency-bound
     a_here = comm["latency_1_float"]["seconds"] / 2  # ring, W = 2: 2 (W - 1) = 2 latencies
     b_here = max(comm["4MB"]["seconds"] - 2 * a_here, 1e-12) / (4 << 20)  # 2 (W-1)/W = 1
-    nets = [
-        ("this machine (gloo, shared memory)", a_here, b_here),
-        ("assumed 10 Gb/s Ethernet (gloo/TCP)", 50e-6, 1 / 1.0e9),
-        ("assumed 200 Gb/s InfiniBand (nccl)", 5e-6, 1 / 20e9),
+    nets = [  # label, alpha (s), beta (s/byte), algorithm
+        ("gloo here, ring", a_here, b_here, "ring"),
+        ("10GbE, ring", 50e-6, 1 / 1.0e9, "ring"),
+        ("10GbE, tree", 50e-6, 1 / 1.0e9, "tree"),
+        ("IB 200G, ring", 5e-6, 1 / 20e9, "ring"),
     ]
+
+    def allreduce(W, a, b, algorithm):
+        if W == 1:
+            return 0.0
+        if algorithm == "tree":
+            return 2 * math.log2(W) * a + 2 * M * b
+        return 2 * (W - 1) * a + 2 * (W - 1) / W * M * b
+
     out = [
         "",
-        "scaling model (alpha-beta, ring all-reduce; assumptions stated, not measured at W > 2):",
-        f"  compute per crystal t_c = (one-process epoch) / (training crystals) = "
-        f"{per_crystal * 1e3:.3f} ms (this CPU, 1 thread); per-process work divides by W,",
-        "  the global batch is kept (strong scaling) while every process has >= 16 crystals,",
-        "  then grows as 16 W crystals per step (weak scaling; steps per epoch = N / (16 W));",
-        "  ring all-reduce of M bytes on W processes: T = 2 (W - 1) alpha + 2 (W - 1) / W M beta,",
-        f"  M = {M} bytes; a tree (nccl's choice for small messages) pays 2 log2(W) alpha instead;",
-        "  load imbalance: the slowest process of a step (max/mean of its atoms) from the sampler,",
-        "  measured on the MOF sizes; data loading and the optimizer step are in t_c.",
+        "scaling model (alpha-beta; the inputs below, nothing measured at W > 2):",
+        f"  t_c = compute per crystal = (one-process epoch) / (training crystals) = "
+        f"{per_crystal * 1e3:.3f} ms (this CPU, 1 thread, batching and optimizer included)",
+        "  global batch B = max(32, 16 W) crystals: kept at 32 while every process has >= 16,",
+        "  then 16 per process (steps per epoch N / B fall as 1 / W)",
+        f"  epoch = (N / B) x [ (B / W) t_c x imbalance + T_allreduce(W, M) ],  M = {M} bytes",
+        "  ring: T = 2 (W - 1) alpha + 2 (W - 1) / W M beta;  tree: T = 2 log2(W) alpha + 2 M beta",
+        f"  alpha, beta: gloo here = measured ({a_here * 1e6:.0f} us, "
+        f"{1 / b_here / 1e9:.2f} GB/s); 10GbE assumed 50 us, 1 GB/s; "
+        "InfiniBand 200 Gb/s assumed 5 us, 20 GB/s",
+        "  imbalance = mean over steps of (atoms of the fullest process) / (mean atoms per "
+        "process),",
+        "  from the MOF crystal sizes: size-balanced shares (the sampler's rule, used) and "
+        "plain equal counts",
+        "  efficiency = (N t_c / W) / modelled epoch",
     ]
     sizes = _mof_sizes()
     for N, label in ((r1["train_crystals"], "the MOF training set"), (500_000, "500,000 crystals")):
-        out += ["", f"  {label} (N = {N}):"]
-        out += [
-            f"  {'W':>5s} {'batch':>7s} {'steps':>7s} {'imbal':>6s} {'compute s':>10s} "
-            + " ".join(f"{n.split(' (')[0][:24]:>26s}" for n, _, _ in nets)
-        ]
+        out += ["", f"  {label} (N = {N}), seconds per epoch (efficiency):"]
+        out.append(
+            f"  {'W':>4s} {'B':>5s} {'steps':>6s} {'imbal':>6s} {'plain':>6s} {'compute':>8s} "
+            + " ".join(f"{n:>18s}" for n, *_ in nets)
+        )
         for W in (1, 2, 8, 64, 512):
             B = max(r1["batch"], 16 * W)
             steps = N / B
             if steps < 1:
                 out.append(
-                    f"  {W:5d} {B:7d} {steps:7.2f}  global batch > data set: stops scaling here"
+                    f"  {W:4d} {B:5d} {steps:6.2f}  fewer than one step per epoch: the data set "
+                    "stops the scaling"
                 )
                 continue
-            imb = _imbalance(sizes, B, W)
+            imb, plain = _imbalance(sizes, B, W, True), _imbalance(sizes, B, W, False)
             compute = steps * (B / W) * per_crystal * imb
+            ideal = N * per_crystal / W
             cells = []
-            for _, a, b in nets:
-                ring = 2 * (W - 1) * a + 2 * (W - 1) / W * M * b if W > 1 else 0.0
-                total = compute + steps * ring
-                ideal = N * per_crystal / W
-                cells.append(f"{total:9.3g} s ({100 * ideal / total:3.0f}% eff)")
+            for _, a, b, algorithm in nets:
+                total = compute + steps * allreduce(W, a, b, algorithm)
+                cells.append(f"{total:8.3g} ({100 * ideal / total:3.0f}%)")
             out.append(
-                f"  {W:5d} {B:7d} {steps:7.0f} {imb:6.2f} {compute:10.3g} "
-                + " ".join(f"{c:>26s}" for c in cells)
+                f"  {W:4d} {B:5d} {steps:6.0f} {imb:6.3f} {plain:6.3f} {compute:8.3g} "
+                + " ".join(f"{c:>18s}" for c in cells)
             )
-    stop = {}
-    for name, a, _ in nets:
-        # per step: compute of 16 crystals vs ring latency: 2 (W - 1) a = 16 t_c  (50% efficiency)
-        stop[name] = 1 + 16 * per_crystal / (2 * a)
     out += [
         "",
-        "  efficiency = (N t_c / W) / modelled time. With 16 crystals per process the ring's "
-        "latency",
-        "  equals the compute of a step at W = 1 + 16 t_c / (2 alpha): "
-        + "; ".join(f"{n.split(' (')[0]} W = {w:.0f}" for n, w in stop.items()),
+        "  with 16 crystals per process, the ring's latency 2 (W - 1) alpha equals the compute "
+        "of a step (16 t_c) at",
+        "  W = 1 + 8 t_c / alpha: "
+        + "; ".join(f"{n.split(',')[0]} {1 + 8 * per_crystal / a:.0f}" for n, a, _, _ in nets[:2])
+        + f"; InfiniBand {1 + 8 * per_crystal / nets[3][1]:.0f}",
     ]
     return out
 
@@ -395,21 +435,27 @@ def _mof_sizes() -> torch.Tensor:
     return torch.diff(load_mof_charges().node_ptr).double()
 
 
-def _imbalance(sizes: torch.Tensor, batch: int, world: int, steps: int = 20) -> float:
+def _imbalance(
+    sizes: torch.Tensor, batch: int, world: int, balanced: bool, steps: int = 20
+) -> float:
     """Mean over ``steps`` random global batches of (max atoms of a process) / (mean atoms).
 
-    The shares follow DistributedGroupSampler's size-balanced rule (largest crystal first
-    to the least-loaded process), computed for all processes at once.
+    ``balanced``: DistributedGroupSampler's size-balanced rule (largest crystal first to the
+    least-loaded process), computed for all processes at once; else its plain rule
+    (contiguous, near-equal numbers of crystals).
     """
     g = torch.Generator().manual_seed(0)
     ratios = []
     for _ in range(steps):
-        w = sizes[torch.randint(sizes.numel(), (batch,), generator=g)].sort(descending=True)
-        heap = [(0.0, 0, r) for r in range(world)]
-        for x in w.values.tolist():
-            load, count, r = heapq.heappop(heap)
-            heapq.heappush(heap, (load + x, count + 1, r))
-        loads = [h[0] for h in heap]
+        w = sizes[torch.randint(sizes.numel(), (batch,), generator=g)]
+        if balanced:
+            heap = [(0.0, 0, r) for r in range(world)]
+            for x in w.sort(descending=True).values.tolist():
+                load, count, r = heapq.heappop(heap)
+                heapq.heappush(heap, (load + x, count + 1, r))
+            loads = [h[0] for h in heap]
+        else:
+            loads = [float(part.sum()) for part in w.tensor_split(world)]
         ratios.append(max(loads) / statistics.mean(loads))
     return statistics.mean(ratios)
 
@@ -427,7 +473,7 @@ def main(argv=None):
     p.add_argument("--save", help="save the trained network's state here")
     p.add_argument("--comm", action="store_true", help="also time all_reduce")
     p.add_argument("--measure", action="store_true", help="1 vs 2 processes and the model")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", help="--measure: save the report here")
     args = p.parse_args(argv)
     if args.measure:
