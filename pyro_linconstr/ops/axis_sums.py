@@ -141,6 +141,7 @@ class AxisSums(LinearOperator):
     its ``n`` entries in row-major order; :func:`~pyro_linconstr.constrain`
     rejects any other shape (a transposed event would be summed along the
     wrong axes).
+
     :raises ValueError: for an empty or non-positive ``event_shape``, an axis
         outside the event, a duplicate axis, or an axis of size 1.
 
