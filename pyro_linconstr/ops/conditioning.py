@@ -134,39 +134,37 @@ def _safe_cholesky(S: torch.Tensor) -> tuple[torch.Tensor, bool]:
 class _GroupMatheron(torch.autograd.Function):
     r"""Matheron's update for a diagonal ``Sigma = diag(s)`` and a group sum, fused.
 
-    ``x = y + w * r[g]`` with ``w_i = s_i / S_g(i)``, ``S = A s`` and
-    ``r = b - A y``, then one step of refinement with the residual evaluated
-    in float64 (no gradient). Backward, with ``G = A (g_x * w)``:
-    ``grad_y = g_x - G[g]``, ``grad_s = (r / S)[g] * grad_y``, ``grad_b = G``:
-    one segment sum and one gather, instead of the graph of a dozen ops.
-    Under ``create_graph`` the backward rebuilds ``w``, ``r`` and ``S`` from the
-    inputs, so higher derivatives stay exact.
+    ``x = y + s * (r / S)[g]`` with ``S = A s`` and ``r = b - A y`` (the gain
+    ``s_i / S_g`` times the group's residual), then one step of refinement with
+    the residual evaluated in float64 (no gradient). Backward, with
+    ``G = A (g_x * s) / S``: ``grad_y = g_x - G[g]``,
+    ``grad_s = (r / S)[g] * grad_y``, ``grad_b = G``: one segment sum and one
+    gather, instead of the graph of a dozen ops. Under ``create_graph`` the
+    backward rebuilds ``r`` and ``S`` from the inputs, so higher derivatives
+    stay exact.
     """
 
     @staticmethod
     def forward(ctx, y, s, S, b, A, b64):
-        Sg = A.rmatvec(S)
-        w = s / Sg
-        r = b - A.matvec(y)
-        x = torch.addcmul(y, w, A.rmatvec(r))
+        q = A.rmatvec((b - A.matvec(y)) / S)  # (r / S)[g]
+        x = torch.addcmul(y, s, q)
         r64 = b64 - A.matvec(x.to(torch.float64))
-        x.addcmul_(w, A.rmatvec(r64.to(x.dtype)))
-        ctx.save_for_backward(y, s, b, w, r / S)
+        x.addcmul_(s, A.rmatvec((r64 / S).to(x.dtype)))
+        ctx.save_for_backward(y, s, S, b, q)
         ctx.A = A
         return x
 
     @staticmethod
     def backward(ctx, gx):
-        y, s, b, w, r_over_S = ctx.saved_tensors
+        y, s, S, b, q = ctx.saved_tensors
         A = ctx.A
         if torch.is_grad_enabled():  # create_graph: keep the dependence on the inputs
             S = A.matvec(s)
             S = S.where(S > 0, torch.ones_like(S))
-            w = s / A.rmatvec(S)
-            r_over_S = (b - A.matvec(y)) / S
-        G = A.matvec(gx * w)
+            q = A.rmatvec((b - A.matvec(y)) / S)
+        G = A.matvec(gx * s) / S  # = A (g_x * w): S is constant within a group
         grad_y = gx - A.rmatvec(G)
-        grad_s = A.rmatvec(r_over_S) * grad_y
+        grad_s = q * grad_y
         return (
             grad_y.sum_to_size(y.shape),
             grad_s.sum_to_size(s.shape),
