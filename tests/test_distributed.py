@@ -200,6 +200,8 @@ def _worker(rank, store, out):
             (ddp(mine) * WORLD).backward()
             opt.step()
         r["params"] = [p.detach().clone() for p in module.parameters()]
+        if rank == 0:  # a log on one process: no collective (it would hang), no update
+            r["logged"] = elbo.loss(module.model, module.guide, mine)
         if estimator == "score":
             r["average"] = {k: v.clone() for k, v in elbo.baseline._average.items()}
         if objective == "elbo":  # samples of the trained guide: the law on every rank
@@ -293,7 +295,9 @@ def test_samples_satisfy_the_law_on_every_rank(runs, estimator):
 def test_score_baseline_is_shared_across_ranks(runs, objective):
     c0, c1 = (r["configs"][(objective, "score")] for r in runs)
     (site,) = c0["average"]
+    # equal, although rank 0 alone also evaluated objective.loss (under no_grad) afterwards
     assert torch.equal(c0["average"][site], c1["average"][site])
+    assert torch.isfinite(torch.tensor(c0["logged"])) and "logged" not in c1
     assert c0["average"][site].dim() == 0
     # after the first step: the mean over ranks of each rank's cost
     # (ExpectedLoss: the loss; ConstrainedTrace_ELBO: log p - log q = -loss)

@@ -271,7 +271,8 @@ class ScoreBaseline:
     It is still updated after use, so the estimator stays unbiased. The
     leave-one-out baseline is local (a process's own particles). Every process
     must evaluate the same score sites in the same order (the same model),
-    as for any collective.
+    as for any collective. Under ``torch.no_grad`` (``ExpectedLoss.loss``, a
+    log written by one process) it neither communicates nor updates.
 
     :param float decay: the running average's decay, in ``[0, 1)``.
     :param process_group: the processes that share the average (default: all
@@ -309,6 +310,9 @@ class ScoreBaseline:
                 return (cost.sum(particle_dim, keepdim=True) - cost) / (n - 1)
         stat = cost
         if distributed_active(self.process_group):
+            if not torch.is_grad_enabled():  # e.g. loss() for a log on one process
+                old = self._average.get(name)
+                return torch.zeros_like(cost) if old is None else old.mean().expand(cost.shape)
             stat = all_reduce_mean(cost, self.process_group)
         old = self._average.get(name)
         if old is None:
