@@ -177,17 +177,7 @@ def check_same_subspace(p: ConstrainedGaussian, q: ConstrainedGaussian) -> None:
     See the module docstring for the tolerances. Batch shapes broadcast; the
     first batch element that differs is named.
     """
-    if p.event_shape != q.event_shape:
-        raise _infinite(
-            p, q, f"the event shapes differ ({tuple(p.event_shape)} vs {tuple(q.event_shape)})"
-        )
-    try:
-        torch.broadcast_shapes(p.batch_shape, q.batch_shape)
-    except RuntimeError:
-        raise ValueError(
-            f"kl_divergence: the batch shapes {tuple(p.batch_shape)} and "
-            f"{tuple(q.batch_shape)} do not broadcast."
-        ) from None
+    _check_event_and_batch(p, q)
     eps = max(torch.finfo(p.loc.dtype).eps, torch.finfo(q.loc.dtype).eps)
     if _same_rows(p.A, q.A):
         _check_same_b(p, q, eps)
@@ -409,9 +399,8 @@ def _kl_general(p: ConstrainedGaussian, q: ConstrainedGaussian) -> torch.Tensor:
     return kl.to(_F64) + _normalizer_difference(cp, q._cond)
 
 
-# --------------------------------------------------------------------------- discrete
-def _check_same_groups(p, q) -> None:
-    """Same event, same partition into groups (and uncovered entries), same totals."""
+def _check_event_and_batch(p, q) -> None:
+    """The same event shape (else the divergence is infinite) and broadcastable batch shapes."""
     if p.event_shape != q.event_shape:
         raise _infinite(
             p, q, f"the event shapes differ ({tuple(p.event_shape)} vs {tuple(q.event_shape)})"
@@ -423,6 +412,12 @@ def _check_same_groups(p, q) -> None:
             f"kl_divergence: the batch shapes {tuple(p.batch_shape)} and "
             f"{tuple(q.batch_shape)} do not broadcast."
         ) from None
+
+
+# --------------------------------------------------------------------------- discrete
+def _check_same_groups(p, q) -> None:
+    """Same event, same partition into groups (and uncovered entries), same totals."""
+    _check_event_and_batch(p, q)
     lp, lq = p._layout, q._layout
     gp, gq = lp.groups, lq.groups
     if lp is lq or (lp.num_groups == lq.num_groups and torch.equal(gp, gq)):

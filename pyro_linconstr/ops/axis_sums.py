@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from pyro_linconstr.ops.numerics import CONSISTENCY_RTOL
-from pyro_linconstr.ops.operators import LinearOperator
+from pyro_linconstr.ops.operators import _SumOperator
 
 __all__ = ["AxisSums"]
 
@@ -104,7 +104,7 @@ def _check_axes(axes, event_shape: torch.Size) -> tuple[int, ...]:
     return axes
 
 
-class AxisSums(LinearOperator):
+class AxisSums(_SumOperator):
     r"""The sums of a multi-dimensional event over one or several of its axes.
 
     ``A x`` are the margins of ``x`` (shape ``event_shape``, flattened
@@ -390,15 +390,6 @@ class AxisSums(LinearOperator):
             block = block.unsqueeze(a - self._D)
             out = block if out is None else out + block
         return out.expand(lead + self.event_shape).reshape(lead + (self.num_cols,))
-
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matvec(x.transpose(-1, -2)).transpose(-1, -2)
-
-    def rmatmul(self, y: torch.Tensor) -> torch.Tensor:
-        return self.rmatvec(y.transpose(-1, -2)).transpose(-1, -2)
-
-    def abs_matvec(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matvec(x.abs())
 
     def weighted_gram(self, s: torch.Tensor) -> torch.Tensor:
         """``A diag(s) A^T``: ``(..., m)`` (the diagonal) with one axis, else ``(..., m, m)``.

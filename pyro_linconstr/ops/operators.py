@@ -196,7 +196,22 @@ class _Expand(torch.autograd.Function):
         return _SegmentSum.apply(grad, lengths, groups), None, None
 
 
-class GroupSum(LinearOperator):
+class _SumOperator(LinearOperator):
+    """An operator with 0/1 entries that implements :meth:`matvec` and :meth:`rmatvec` natively
+    (sums and their adjoint broadcasts): matrix products go column by column through them, and
+    ``|A| |x| = A |x|``."""
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matvec(x.transpose(-1, -2)).transpose(-1, -2)
+
+    def rmatmul(self, y: torch.Tensor) -> torch.Tensor:
+        return self.rmatvec(y.transpose(-1, -2)).transpose(-1, -2)
+
+    def abs_matvec(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matvec(x.abs())
+
+
+class GroupSum(_SumOperator):
     """Sum of the entries of each group: row ``g`` of ``A`` is the indicator
     of ``groups == g``.
 
@@ -297,15 +312,6 @@ class GroupSum(LinearOperator):
         if self._sorted:
             return _Expand.apply(y, self._sizes, self.groups)
         return y.index_select(-1, self.groups)
-
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matvec(x.transpose(-1, -2)).transpose(-1, -2)
-
-    def rmatmul(self, y: torch.Tensor) -> torch.Tensor:
-        return self.rmatvec(y.transpose(-1, -2)).transpose(-1, -2)
-
-    def abs_matvec(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matvec(x.abs())
 
     def weighted_gram(self, s: torch.Tensor) -> torch.Tensor:
         return self.matvec(s)
