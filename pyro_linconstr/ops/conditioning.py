@@ -440,6 +440,10 @@ class Conditioning:
         self.gram_diag = None
         self.S = self.chol = None
         self._factor()
+        # log det(A A^T) and the float64 A of the refinement now, not in rsample / log_prob:
+        # for a dense A they are host-side cache lookups, kept out of traced code
+        self.constraint_logdet()
+        self.A64 = A.to(torch.float64)
 
     # ---------------------------------------------------------------- factor
     def _factor(self) -> None:
@@ -597,7 +601,7 @@ class Conditioning:
         yw = y.to(self.wd)
         x = self.plus_gain(yw, self.residual(yw)).to(self.dtype)
         with torch.no_grad():
-            A64 = self.A_orig.to(torch.float64)
+            A64 = self.A64
             b64 = self.b_orig.to(torch.float64)
             for _ in range(self.refinement_steps):
                 r = b64 - A64.matvec(x.detach().to(torch.float64))

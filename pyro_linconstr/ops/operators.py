@@ -10,6 +10,7 @@ operator never materialises its ``m x n`` matrix.
 from __future__ import annotations
 
 import numbers
+import weakref
 
 import torch
 
@@ -93,6 +94,30 @@ class LinearOperator:
         raise NotImplementedError
 
 
+_DERIVED: dict[int, tuple] = {}
+
+
+def _derived(A: torch.Tensor) -> dict:
+    """A store for quantities derived from the dense matrix ``A`` (its float64 copy,
+    ``log det(A A^T)``), kept while ``A`` lives and is not modified in place (its version
+    counter), so that a fixed ``A`` reused at every step pays for them once. The store never
+    holds ``A`` itself; a matrix that requires grad gets a fresh store (no stale graphs)."""
+    if A.requires_grad:
+        return {}
+    key = id(A)
+    entry = _DERIVED.get(key)
+    if entry is not None and entry[0]() is A and entry[1] == A._version:
+        return entry[2]
+
+    def forget(ref, key=key):
+        if _DERIVED.get(key, (None,))[0] is ref:
+            del _DERIVED[key]
+
+    store: dict = {}
+    _DERIVED[key] = (weakref.ref(A, forget), A._version, store)
+    return store
+
+
 class DenseOperator(LinearOperator):
     """A dense, possibly batched, matrix ``A`` of shape ``(..., m, n)``."""
 
@@ -150,16 +175,27 @@ class DenseOperator(LinearOperator):
 
     def gram_logdet(self) -> torch.Tensor:
         # in float64, without a host synchronisation: within the documented range
-        # (cond(A) <= 1e5) the float64 Cholesky of A A^T cannot fail
-        M = self.matrix.to(torch.float64)
-        chol, _ = torch.linalg.cholesky_ex(M @ M.transpose(-1, -2))
-        return (2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)).to(self.matrix.dtype)
+        # (cond(A) <= 1e5) the float64 Cholesky of A A^T cannot fail; computed once per
+        # unmodified matrix (a fixed A reused across the steps of a training loop)
+        store = _derived(self.matrix)
+        if "gram_logdet" not in store:
+            M = self.matrix.to(torch.float64)
+            chol, _ = torch.linalg.cholesky_ex(M @ M.transpose(-1, -2))
+            store["gram_logdet"] = (2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)).to(
+                self.matrix.dtype
+            )
+        return store["gram_logdet"]
 
     def to_dense(self) -> torch.Tensor:
         return self.matrix
 
     def to(self, dtype: torch.dtype) -> DenseOperator:
-        return self if dtype == self.matrix.dtype else DenseOperator(self.matrix.to(dtype))
+        if dtype == self.matrix.dtype:
+            return self
+        store = _derived(self.matrix)  # the float64 copy of the refinement, made once
+        if dtype not in store:
+            store[dtype] = DenseOperator(self.matrix.to(dtype))
+        return store[dtype]
 
 
 class _SegmentSum(torch.autograd.Function):
