@@ -2,6 +2,7 @@
 pickling, masks, wrapped vector families, validation, caching."""
 
 import copy
+import math
 import pickle
 
 import pyro
@@ -279,3 +280,23 @@ def test_an_operator_on_a_shaped_event_rejects_another_shape():
     plc.constrain(dist.Normal(torch.zeros(12), 1.0).to_event(1), A, b)  # flat, row-major
     with pytest.raises(ValueError, match=r"events of shape \(3, 4\)"):
         plc.constrain(dist.Normal(torch.zeros(4, 3), 1.0).to_event(2), A, b)
+
+
+def test_quantities_derived_from_a_fixed_dense_A_are_reused_until_it_changes(monkeypatch):
+    A = torch.randn(3, 6, generator=torch.Generator().manual_seed(5))
+    base = dist.Normal(torch.zeros(6), 1.0).to_event(1)
+    calls = []
+    real = torch.linalg.cholesky_ex
+    monkeypatch.setattr(
+        torch.linalg, "cholesky_ex", lambda M, **k: calls.append(M.dtype) or real(M, **k)
+    )
+    d1 = plc.constrain(base, A, torch.zeros(3))
+    n_first = calls.count(F64)
+    d2 = plc.constrain(base, A, torch.ones(3))
+    assert calls.count(F64) == n_first  # log det(A A^T) in float64: once for this A
+    assert torch.equal(d1._cond.constraint_logdet(), d2._cond.constraint_logdet())
+    A.mul_(2.0)  # in place: a new version, recomputed (log det grows by 2 m log 2)
+    d3 = plc.constrain(base, A, torch.zeros(3))
+    assert calls.count(F64) > n_first
+    shift = float(d3._cond.constraint_logdet() - d1._cond.constraint_logdet())
+    assert abs(shift - 6 * math.log(2.0)) < 1e-4
