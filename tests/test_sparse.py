@@ -22,7 +22,8 @@ from torch.distributions import biject_to
 
 import pyro_linconstr as plc
 from pyro_linconstr.ops import SparseOperator, as_operator
-from pyro_linconstr.ops import conditioning as conditioning_module
+from pyro_linconstr.ops import redundancy as redundancy_module
+from pyro_linconstr.ops.conditioning import Conditioning
 
 F64 = torch.float64
 
@@ -426,9 +427,9 @@ def test_inconsistent_injections_are_a_clear_error(fmt):
 
 def test_redundancy_analysis_runs_once_per_law(monkeypatch):
     calls = []
-    orig = conditioning_module.pivoted_cholesky
+    orig = redundancy_module.pivoted_cholesky
     monkeypatch.setattr(
-        conditioning_module,
+        redundancy_module,
         "pivoted_cholesky",
         lambda *a, **k: calls.append(1) or orig(*a, **k),
     )
@@ -479,7 +480,7 @@ def test_dense_redundant_rows_equal_the_svd_path(monkeypatch):
     base, loc, cov = gaussian("lowrank", 9, seed=32)
     d = plc.constrain(base, A, b)
     assert d._cond.kept is not None and d._cond.rank == 4
-    monkeypatch.setattr(conditioning_module.Conditioning, "_reduce_rows", lambda self: False)
+    monkeypatch.setattr(Conditioning, "_reduce_rows", lambda self: False)
     ref = plc.constrain(base, A, b)
     assert ref._cond.row_map is not None  # the SVD fallback
     x = ref.sample((4,))
@@ -498,7 +499,7 @@ def test_ill_conditioned_rows_are_not_dropped():
     A = torch.cat([A0, A0[:1] + A0[1:2] + 1e-9 * torch.randn(1, 10, generator=g, dtype=F64)])
     b = torch.randn(4, generator=g, dtype=F64)  # consistent: A has full row rank
     base = dist.Normal(torch.zeros(10, dtype=F64), 1.0).to_event(1)
-    assert conditioning_module.row_reduction(as_operator(A.to_sparse()), 2.2e-16) is None
+    assert redundancy_module.row_reduction(as_operator(A.to_sparse()), 2.2e-16) is None
     d = plc.constrain(base, A.to_sparse(), b)
     assert d._cond.kept is None and d._cond.rank == 4
     x = d.sample((3,))
@@ -510,9 +511,7 @@ def test_pivoted_cholesky_reveals_the_rank():
     for m, r, block in [(12, 5, 3), (40, 40, 8), (150, 90, 64)]:
         B = torch.randn(m, r, generator=g, dtype=F64)
         C = B @ B.T
-        order, L, rest = conditioning_module.pivoted_cholesky(
-            C, 1e-10 * float(C.diag().max()), block
-        )
+        order, L, rest = redundancy_module.pivoted_cholesky(C, 1e-10 * float(C.diag().max()), block)
         assert order.numel() == r == np.linalg.matrix_rank(C.numpy())
         assert sorted(order.tolist() + rest.tolist()) == list(range(m))
         torch.testing.assert_close((L @ L.T)[order], C[order])
