@@ -29,7 +29,7 @@ from pyro_linconstr.ops.covariance import (
     DiagonalCovariance,
     LowRankCovariance,
 )
-from pyro_linconstr.ops.operators import LinearOperator
+from pyro_linconstr.ops.operators import LinearOperator, as_operator
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -103,7 +103,7 @@ class ConstrainedGaussian(ConstrainedDistribution):
     def __init__(self, base, A: LinearOperator, b: torch.Tensor, validate_args=None) -> None:
         parsed = parse_base(base)
         loc, cov = _gaussian_parts(parsed)
-        A = A.to(parsed.dtype)
+        A = as_operator(A).to(parsed.dtype)
         batch_shape = check_constraint(parsed, A, b)
         if should_validate(validate_args):
             # what arg_constraints declare, with messages that name the fix (one reduction
