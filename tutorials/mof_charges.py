@@ -35,7 +35,9 @@ Set ``PLC_SMOKE=1`` for a quick run (a few hundred crystals, few epochs); the
 full mode (3 splits x 7 methods x 300 epochs) takes 60-90 minutes on two CPU
 cores, with two runs at a time (``PLC_WORKERS``); each run takes about 5 minutes
 on a core of its own. ``PLC_MOF_SPLITS``, ``PLC_MOF_EPOCHS``,
-``PLC_MOF_FIRST_SPLIT`` and ``PLC_MOF_METHODS`` change the budget.
+``PLC_MOF_FIRST_SPLIT`` and ``PLC_MOF_METHODS`` change the budget;
+``PLC_MOF_ENSEMBLE=2`` trains a second network per method and split (another
+initialisation and shuffling) and adds the paper's ensembles of two.
 """
 
 # %%
@@ -70,6 +72,7 @@ SPLITS = list(range(FIRST_SPLIT, FIRST_SPLIT + NUM_SPLITS))
 EPOCHS = env_int("PLC_MOF_EPOCHS", 10 if SMOKE else 300, minimum=1)
 MAX_CRYSTALS = 500 if SMOKE else None
 WORKERS = env_int("PLC_WORKERS", 1 if SMOKE else 2, minimum=1)  # parallel runs
+ENSEMBLE = env_int("PLC_MOF_ENSEMBLE", 1, minimum=1)  # networks per method and split
 VERBOSE = env_flag("PLC_VERBOSE")  # print every epoch's validation MAD
 BATCH_CRYSTALS = 32
 CHANNELS, STEPS, LR = 32, 4, 0.005
@@ -255,13 +258,23 @@ def make_batches(crystals, batch_size, shuffle_gen=None):
 
 
 @torch.no_grad()
-def evaluate(model, method, batches, shared_var=None):
-    """MAD (e), mean NLL per crystal, max |net charge| of the predictions."""
+def network_outputs(model, batches):
+    """The network's Gaussian ``(mu, s)`` of every atom, batch by batch, in float64."""
+    return [tuple(t.double() for t in model(bt["element"], bt["edge_index"])) for bt, _ in batches]
+
+
+@torch.no_grad()
+def evaluate(model, method, batches, shared_var=None, outputs=None):
+    """MAD (e), mean NLL per crystal, max |net charge| of the predictions.
+
+    ``outputs`` replaces the network's ``(mu, s)`` per batch (an ensemble's).
+    """
     abs_err, n_atoms, nll, n_cryst, viol = 0.0, 0, 0.0, 0, 0.0
-    for bt, y in batches:
+    if outputs is None:
+        outputs = network_outputs(model, batches)
+    for (bt, y), (mu, s) in zip(batches, outputs):
         g, G = bt["group"], int(bt["num_groups"])
-        mu, s = model(bt["element"], bt["edge_index"])
-        mu, s = mu.double(), s.double()  # neutral to float64 rounding
+        # float64: the predictions are neutral to float64 rounding
         pred = predict(method, mu, s, g, G)
         abs_err += float((pred - y.double()).abs().sum())
         n_atoms += y.numel()
@@ -286,19 +299,28 @@ def fit_shared_variance(model, method, batches):
     return sq / dof
 
 
-def train(method, split_seed):
+def split_sets(split_seed):
+    """Training, validation and test crystals of one split (trimmed in smoke mode)."""
     tr, va, te = split_crystals(data.num_crystals, seed=split_seed)
     if MAX_CRYSTALS is not None:
         tr, va = tr[: int(0.7 * MAX_CRYSTALS)], va[: MAX_CRYSTALS // 10]
         te = te[: MAX_CRYSTALS // 5]
+    return tr, va, te
+
+
+def train(method, split_seed, member=0):
+    """Train one network; member ``k > 0`` of an ensemble gets its own initialisation
+    and shuffling (member 0 is the single model of the tables)."""
+    tr, va, te = split_sets(split_seed)
     global net
-    torch.manual_seed(1000 + split_seed)  # same initial network for every method
+    seed = split_seed + 7919 * member
+    torch.manual_seed(1000 + seed)  # same initial network for every method
     pyro.clear_param_store()
     net = model = GatedGraphNet()
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=EPOCHS)
     val_batches = make_batches(va, 64)
-    shuffle = torch.Generator().manual_seed(split_seed)
+    shuffle = torch.Generator().manual_seed(seed)
     best, best_state, history = float("inf"), None, []
     for _ in range(EPOCHS):
         model.train()
@@ -318,8 +340,12 @@ def train(method, split_seed):
             best_state = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
     shared = fit_shared_variance(model, method, val_batches) if method in SHARED_VARIANCE else None
-    test = evaluate(model, method, make_batches(te, 64), shared)
-    return test, history
+    test_batches = make_batches(te, 64)
+    outputs = network_outputs(model, test_batches)
+    if shared is not None:  # the fitted shared variance is this network's variance
+        outputs = [(mu, torch.full_like(mu, shared)) for mu, _ in outputs]
+    test = evaluate(model, method, test_batches, outputs=outputs)
+    return test, history, outputs
 
 
 # %%
@@ -333,26 +359,30 @@ def train(method, split_seed):
 
 
 def run_job(job):
-    method, split = job
+    method, split, member = job
     t1 = time.time()
-    test, hist = train(method, split)
-    return method, split, test, hist, time.time() - t1
+    test, hist, outputs = train(method, split, member)
+    return method, split, member, test, hist, outputs, time.time() - t1
 
 
-jobs = [(method, split) for split in SPLITS for method in METHODS]
-results = {k: [] for k in METHODS}
+jobs = [(m, split, k) for split in SPLITS for k in range(ENSEMBLE) for m in METHODS]
+results = {k: [] for k in METHODS}  # member 0: the single model
 histories = {k: [] for k in METHODS}
+member_outputs = {}  # (method, split) -> the test outputs of each member
 t0 = time.time()
 if WORKERS > 1:
     pool = multiprocessing.get_context("fork").Pool(WORKERS)
     finished = pool.imap(run_job, jobs)
 else:
     pool, finished = None, map(run_job, jobs)
-for method, split, (mad, nll, viol), hist, seconds in finished:
-    results[method].append((mad, nll, viol))
-    histories[method].append(hist)
+for method, split, member, (mad, nll, viol), hist, outputs, seconds in finished:
+    member_outputs.setdefault((method, split), {})[member] = outputs
+    if member == 0:
+        results[method].append((mad, nll, viol))
+        histories[method].append(hist)
     print(
-        f"split {split} {method:14s} MAD {mad:.4f}  NLL/crystal {nll:10.1f}  "
+        f"split {split} {method:14s}{f' member {member}' if ENSEMBLE > 1 else ''} "
+        f"MAD {mad:.5f}  NLL/crystal {nll:10.1f}  "
         f"max|net charge| {viol:.1e}  ({seconds:.0f} s)",
         flush=True,
     )
@@ -360,6 +390,39 @@ if pool is not None:
     pool.close()
     pool.join()
 print(f"total {time.time() - t0:.0f} s with {WORKERS} worker(s)")
+
+# %%
+# Ensembles
+# ---------
+# The paper's ensemble of two networks trained with the same method (another
+# initialisation and shuffling): the Gaussian of the average of their draws,
+# mean ``(mu_1 + mu_2) / 2`` and variance ``(s_1 + s_2) / 4`` per atom, is
+# conditioned and scored exactly like a single network's (for the two methods
+# without a trained variance head, ``s_k`` is network k's fitted shared
+# variance). ``PLC_MOF_ENSEMBLE=2`` runs them.
+
+
+def ensemble_outputs(members):
+    outs = [members[k] for k in sorted(members)]
+    k = len(outs)
+    return [
+        (sum(o[i][0] for o in outs) / k, sum(o[i][1] for o in outs) / k**2)
+        for i in range(len(outs[0]))
+    ]
+
+
+ensembles = {k: [] for k in METHODS} if ENSEMBLE > 1 else {}
+for split in SPLITS if ENSEMBLE > 1 else []:
+    test_batches = make_batches(split_sets(split)[2], 64)
+    for method in METHODS:
+        outputs = ensemble_outputs(member_outputs[(method, split)])
+        mad, nll, viol = evaluate(None, method, test_batches, outputs=outputs)
+        ensembles[method].append((mad, nll, viol))
+        print(
+            f"split {split} {method:14s} ensemble of {ENSEMBLE} MAD {mad:.5f}  "
+            f"NLL/crystal {nll:10.1f}  max|net charge| {viol:.1e}",
+            flush=True,
+        )
 
 # %%
 # Results beside the paper
@@ -376,6 +439,9 @@ def mean_std(values, fmt):
     return f"{fmt.format(float(t.mean()))} ± {fmt.format(sd)}"
 
 
+NAME_WIDTH = max(len(n) for n in METHODS.values()) + (
+    len(f"ensemble of {ENSEMBLE}, ") if ENSEMBLE > 1 else 0
+)
 mode = ("smoke" if SMOKE else "full") + os.environ.get("PLC_TAG", "")
 header = (
     f"MOF charges ({mode}: split(s) {SPLITS[0]}-{SPLITS[-1]}, {EPOCHS} epochs, "
@@ -383,16 +449,25 @@ header = (
 )
 lines = [
     header,
-    f"{'method':44s} {'MAD (ours)':>18s} {'NLL (ours)':>20s} {'max|sum|':>9s}"
+    f"{'method':{NAME_WIDTH}s} {'MAD (ours)':>18s} {'NLL (ours)':>20s} {'max|sum|':>9s}"
     f" | {'MAD (paper)':>16s} {'NLL (paper)':>14s}",
 ]
-for k, name in METHODS.items():
-    r = results[k]
+PAPER_ENSEMBLE = {  # ensembles of 2, PAPER.md
+    "closed_form": ("0.0230 ± 0.0008", "> 1e7"),
+    "likelihood": ("0.0231 ± 0.0007", "-180 ± 38.3"),
+}
+rows = [(name, results[k], PAPER[k]) for k, name in METHODS.items()]
+rows += [
+    (f"ensemble of {ENSEMBLE}, {name}", ensembles[k], PAPER_ENSEMBLE.get(k, ("–", "–")))
+    for k, name in METHODS.items()
+    if ensembles
+]
+for name, r, paper in rows:
     mad = mean_std([x[0] for x in r], "{:.4f}")
     nll = mean_std([x[1] for x in r], "{:.1f}")
     viol = max(x[2] for x in r)
     lines.append(
-        f"{name:44s} {mad:>18s} {nll:>20s} {viol:9.1e} | {PAPER[k][0]:>16s} {PAPER[k][1]:>14s}"
+        f"{name:{NAME_WIDTH}s} {mad:>18s} {nll:>20s} {viol:9.1e} | {paper[0]:>16s} {paper[1]:>14s}"
     )
 
 # %%
@@ -404,20 +479,35 @@ for k, name in METHODS.items():
 # projection), and on how many splits the method was better. The MAD of every
 # run is listed below it.
 
-if "projection" in METHODS and NUM_SPLITS > 1:
-    base = torch.tensor([x[0] for x in results["projection"]], dtype=torch.float64)
-    lines += ["", f"paired MAD difference against the projection, {NUM_SPLITS} splits"]
-    for k, name in METHODS.items():
-        if k == "projection":
-            continue
-        d = torch.tensor([x[0] for x in results[k]], dtype=torch.float64) - base
-        lines.append(
-            f"{name:44s} {float(d.mean()):+.5f} ± {float(d.std()) / len(d) ** 0.5:.5f}"
+
+def paired(title, base, rows):
+    """Mean ± standard error of the per-split MAD difference, and wins."""
+    base = torch.tensor([x[0] for x in base], dtype=torch.float64)
+    out = ["", f"paired MAD difference against {title}, {NUM_SPLITS} splits"]
+    for name, r in rows:
+        d = torch.tensor([x[0] for x in r], dtype=torch.float64) - base
+        out.append(
+            f"{name:{NAME_WIDTH}s} {float(d.mean()):+.5f} ± {float(d.std()) / len(d) ** 0.5:.5f}"
             f"  better on {int((d < 0).sum())}/{len(d)} splits"
         )
+    return out
+
+
+singles = [(name, results[k]) for k, name in METHODS.items()]
+ensemble_rows = [
+    (f"ensemble of {ENSEMBLE}, {name}", ensembles.get(k)) for k, name in METHODS.items()
+]
+if "projection" in METHODS and NUM_SPLITS > 1:
+    others = [(n, r) for (n, r), k in zip(singles, METHODS) if k != "projection"]
+    lines += paired(
+        "the projection", results["projection"], others + (ensemble_rows if ensembles else [])
+    )
+    if ensembles:
+        others = [(n, r) for (n, r), k in zip(ensemble_rows, METHODS) if k != "projection"]
+        lines += paired("the projection's ensemble", ensembles["projection"], others)
 lines += ["", "MAD per split: " + " ".join(f"{s:>7d}" for s in SPLITS)]
-for k, name in METHODS.items():
-    lines.append(f"{name:44s} " + " ".join(f"{x[0]:.5f}" for x in results[k]))
+for name, r in singles + (ensemble_rows if ensembles else []):
+    lines.append(f"{name:{NAME_WIDTH}s} " + " ".join(f"{x[0]:.5f}" for x in r))
 table = "\n".join(lines)
 print(table)
 (OUT / f"mof_charges_results_{mode}.txt").write_text(table + "\n")
