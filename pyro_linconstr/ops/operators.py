@@ -9,6 +9,7 @@ operator never materialises its ``m x n`` matrix.
 
 from __future__ import annotations
 
+import math
 import numbers
 import weakref
 
@@ -318,6 +319,79 @@ class GroupSum(_SumOperator):
         self._gram_logdet = torch.where(sizes64 > 0, sizes64.log(), 0.0).sum()
         # contiguous groups (atoms of one molecule stored together) use segment sums
         self._sorted = bool((self.groups[1:] >= self.groups[:-1]).all())
+
+    @classmethod
+    def blocks(
+        cls,
+        image_shape: tuple[int, ...] | torch.Size,
+        block_shape: int | tuple[int, int],
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> GroupSum:
+        r"""Sums over the non-overlapping blocks of an image (downscaling consistency).
+
+        Pixel ``(..., i, j)`` of an event of shape ``image_shape = (..., H, W)``,
+        flattened row-major, belongs to block ``(..., i // bh, j // bw)``, and
+        blocks are numbered row-major over ``(..., H // bh, W // bw)``: the
+        order of :func:`torch.nn.functional.avg_pool2d` flattened, with every
+        leading dim (channels) kept apart. So a low-resolution image ``y`` of
+        shape ``(..., H // bh, W // bw)`` is the block *average* of ``x`` when
+        ``A x = (bh * bw) * y.flatten()``: averages and sums define the same
+        law, and the sum form keeps ``A`` a 0/1 :class:`GroupSum` (``O(n)``
+        products, diagonal ``A A^T``, accepted by every family).
+
+        :param image_shape: the event shape ``(..., H, W)`` (at least 2 dims,
+            e.g. ``(28, 28)`` or ``(3, 32, 32)``).
+        :param block_shape: ``(bh, bw)``, or an ``int`` for square blocks.
+            ``H`` must be divisible by ``bh`` and ``W`` by ``bw``.
+        :param dtype: the dtype of :meth:`to_dense` (as in :class:`GroupSum`).
+        :param device: the device of the group index.
+        :raises ValueError: for a shape with fewer than 2 dims, a non-positive
+            block, or ``H`` / ``W`` not divisible by the block (naming the argument).
+
+        Example::
+
+            >>> import torch, torch.nn.functional as F, pyro_linconstr as plc
+            >>> A = plc.GroupSum.blocks((4, 6), (2, 3))
+            >>> A
+            GroupSum(n=24, num_groups=4)
+            >>> x = torch.arange(24.0).reshape(4, 6)
+            >>> A.matvec(x.reshape(-1)) / 6  # block averages, row-major
+            tensor([ 4.,  7., 16., 19.])
+            >>> F.avg_pool2d(x[None], (2, 3)).reshape(-1)
+            tensor([ 4.,  7., 16., 19.])
+        """
+        image_shape = tuple(int(s) for s in image_shape)
+        if len(image_shape) < 2 or min(image_shape) < 1:
+            raise ValueError(
+                f"GroupSum.blocks: image_shape must be (..., H, W) with positive sizes, got "
+                f"{image_shape}; for a single-channel image pass (H, W)."
+            )
+        if isinstance(block_shape, numbers.Integral):
+            block_shape = (int(block_shape), int(block_shape))
+        block_shape = tuple(int(s) for s in block_shape)
+        if len(block_shape) != 2 or min(block_shape) < 1:
+            raise ValueError(
+                f"GroupSum.blocks: block_shape must be a positive int or a pair (bh, bw), "
+                f"got {block_shape}."
+            )
+        *lead, H, W = image_shape
+        bh, bw = block_shape
+        for name, size, block in (("H", H, bh), ("W", W, bw)):
+            if size % block:
+                raise ValueError(
+                    f"GroupSum.blocks: image_shape {image_shape} has {name} = {size}, not "
+                    f"divisible by the block size {block} of block_shape {block_shape}; crop or "
+                    f"pad the image to a multiple of {block}."
+                )
+        h, w = H // bh, W // bw
+        rows = torch.arange(H, device=device) // bh
+        cols = torch.arange(W, device=device) // bw
+        within = (rows[:, None] * w + cols[None, :]).reshape(-1)  # (H * W,)
+        channels = math.prod(lead)
+        offsets = torch.arange(channels, device=device)[:, None] * (h * w)
+        groups = (offsets + within[None, :]).reshape(-1)
+        return cls(groups, channels * h * w, dtype=dtype)
 
     @property
     def num_groups(self) -> int:
