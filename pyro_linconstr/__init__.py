@@ -6,6 +6,7 @@ from pyro_linconstr.distributions import ZeroSumNormal, constrain, register_cons
 from pyro_linconstr.handlers import LinearConstraint
 from pyro_linconstr.ops import AxisSums, GroupSum
 from pyro_linconstr.ops.project import project
+from pyro_linconstr.reconcile import reconcile
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,7 @@ __all__ = [
     "constraints",
     "infer",
     "project",
+    "reconcile",
     "register_constrain",
     "transforms",
 ]
