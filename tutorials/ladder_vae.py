@@ -116,9 +116,9 @@ say(
 # over 2x2 blocks first. One fixed split (seed 0) of the 5,000 digits serves every
 # seed; seeds change the initialisation and the order of the minibatches.
 #
-# The law: block ``g`` of ``k x k`` pixels sums to ``b_g = k^2 * low_res_g``. The
-# group index of every pixel is computed here; :class:`~pyro_linconstr.GroupSum`
-# turns it into an ``O(n)`` operator.
+# The law: block ``g`` of ``k x k`` pixels sums to ``b_g = k^2 * low_res_g``;
+# :meth:`GroupSum.blocks <pyro_linconstr.GroupSum.blocks>` builds that ``O(n)``
+# operator (blocks numbered row-major, the order of ``avg_pool2d``).
 
 pixels, labels = mnist_data()
 g0 = torch.Generator().manual_seed(0)
@@ -130,10 +130,8 @@ perm0 = torch.randperm(len(images), generator=g0)
 TRAIN = images[perm0[1000 : 1000 + NUM_TRAIN]]
 TEST = images[perm0[:NUM_TEST]]
 
-rows_ = torch.arange(RES).repeat_interleave(RES)
-cols_ = torch.arange(RES).repeat(RES)
-groups = (rows_ // K) * (RES // K) + cols_ // K  # block index of every pixel
-A = plc.GroupSum(groups, num_groups=M)
+A = plc.GroupSum.blocks((RES, RES), K)  # 49 block sums, O(n)
+groups = A.groups  # block index of every pixel, row-major
 BLOCK = K * K
 LOG_DET_AAT = A.gram_logdet()  # log det(A A^T) = M log(k^2)
 
