@@ -26,16 +26,32 @@ distillation train. We compare
   ``-log p(y | B y = -A x)``.
 
 Every constrained model predicts with the conditional mean
-``E[y | B y = -A x]``, which satisfies the mass balance exactly. Test MSE on
+``E[y | B y = -A x]``, which satisfies the mass balance exactly. Every method
+gets the same budget in **optimiser steps** (not epochs: the benchmarks have
+different numbers of training rows) and the same stopping rule on the
+validation MSE, so that each is trained to convergence. Test MSE on
 MaxAbs-scaled outputs (x 1e-4), mean ± std over runs (one random 60/20/20
-split and initialisation per run), beside the paper's table. ``PLC_SMOKE=1``
-runs a short version.
+split and initialisation per run, shared by all methods), beside the paper's
+table, and paired differences against KKT-hPINN. ``PLC_SMOKE=1`` runs a short
+version.
 """
 
 # %%
 # Setup
 # -----
+# Environment switches (all optional): ``PLC_CHEM_BENCHMARKS=plant,cstr`` and
+# ``PLC_CHEM_METHODS=kkt,expected_l2`` run subsets; ``PLC_CHEM_RUNS`` runs
+# (default 10) starting at run ``PLC_CHEM_FIRST_RUN`` (default 0);
+# ``PLC_CHEM_STEPS`` the step budget, ``PLC_CHEM_EVAL_EVERY`` and
+# ``PLC_CHEM_PATIENCE`` the stopping rule (below); ``PLC_TAG`` a suffix of the
+# output files. Each finished run is appended to
+# ``output/chemical_process_converged_<mode><tag>.jsonl``, so a long run can be
+# split into pieces (different tags); ``PLC_CHEM_MERGE=1`` trains nothing and
+# reports on all ``chemical_process_converged_full*.jsonl`` files in
+# ``output/``.
 
+import json
+import math
 import os
 import time
 from pathlib import Path
@@ -50,16 +66,34 @@ import torch
 from torch import nn
 
 import pyro_linconstr as plc
-from pyro_linconstr._tutorial import env_int, env_subset, smoke_mode
+from pyro_linconstr._tutorial import env_flag, env_int, env_subset, smoke_mode
 from pyro_linconstr.datasets import load_chemprocess, split_rows
 
 SMOKE = smoke_mode()  # PLC_SMOKE=1 (or true/yes/on): a quick run
+MERGE = env_flag("PLC_CHEM_MERGE")  # report on the pieces' records, train nothing
 RUNS = env_int("PLC_CHEM_RUNS", 2 if SMOKE else 10, minimum=1)
-EPOCHS = env_int("PLC_CHEM_EPOCHS", 15 if SMOKE else 150, minimum=1)
+FIRST_RUN = env_int("PLC_CHEM_FIRST_RUN", 0)
+STEPS = env_int("PLC_CHEM_STEPS", 400 if SMOKE else 15_000, minimum=1)
+EVAL_EVERY = env_int("PLC_CHEM_EVAL_EVERY", 25 if SMOKE else 100, minimum=1)
+PATIENCE = env_int("PLC_CHEM_PATIENCE", 3 if SMOKE else 10, minimum=1)
+LR_DROPS = env_int("PLC_CHEM_LR_DROPS", 2)
 BATCH, LR, HIDDEN, PENALTY = 64, 1e-3, 64, 1.0
+MIN_DELTA = 0.01  # an evaluation improves on the best by at least 1 %
 INIT_LOG_VARIANCE = -9.2  # about log 1e-4; see the models below
 OUT = Path(__file__).resolve().parent / "output" if "__file__" in globals() else Path("output")
 OUT.mkdir(parents=True, exist_ok=True)
+MODE = ("smoke" if SMOKE else "full") + os.environ.get("PLC_TAG", "")
+CONFIG = {  # what makes runs comparable: pieces are merged only if these agree
+    "steps": STEPS,
+    "eval_every": EVAL_EVERY,
+    "patience": PATIENCE,
+    "lr_drops": LR_DROPS,
+    "min_delta": MIN_DELTA,
+    "batch": BATCH,
+    "lr": LR,
+    "hidden": HIDDEN,
+    "penalty": PENALTY,
+}
 # process-wide settings, restored at the end (sphinx-gallery runs every
 # tutorial in one process)
 _saved = (
@@ -78,8 +112,9 @@ torch.distributions.Distribution.set_default_validate_args(False)
 # whole file, ``x = Dx x'``, ``y = Dy y'``); the law stays linear,
 # ``(B Dy) y' = -(A Dx) x'``. The loader gives both matrices.
 
-BENCHMARKS = ["cstr", "plant", "distillation"]
-data = {name: load_chemprocess(name) for name in BENCHMARKS}
+ALL_BENCHMARKS = ["cstr", "plant", "distillation"]
+BENCHMARKS = env_subset("PLC_CHEM_BENCHMARKS", ALL_BENCHMARKS)
+data = {} if MERGE else {name: load_chemprocess(name) for name in BENCHMARKS}
 for name, d in data.items():
     print(
         f"{name:12s} rows {d.x.shape[0]:5d}  nx {d.x.shape[1]}  ny {d.y.shape[1]}  "
@@ -176,7 +211,7 @@ def predict(method, mu, s, B, b):
     return constrained(mu, s, B, b).mean
 
 
-METHODS = {
+LABELS = {
     "nn": "NN (unconstrained)",
     "pinn": "PINN (soft penalty)",
     "kkt": "KKT-hPINN (orthogonal projection)",
@@ -193,14 +228,30 @@ PAPER = {  # test MSE x 1e-4, mean ± std over 10 runs (the paper's Table 20)
     "likelihood": ("4.31 ± 1.58", "0.09 ± 0.05", "1.73 ± 0.70"),
 }
 # PLC_CHEM_METHODS=kkt,likelihood runs a subset
-METHODS = {k: METHODS[k] for k in env_subset("PLC_CHEM_METHODS", METHODS)}
+METHODS = env_subset("PLC_CHEM_METHODS", LABELS)
+
 
 # %%
-# Training
-# --------
-# Adam (learning rate 1e-3), mini-batches of 64 rows, ``EPOCHS`` epochs, and
-# the parameters with the best validation MSE are kept. Run ``k`` uses split
-# seed ``k`` and the same initial network for every method.
+# Training to convergence with a budget in steps
+# ----------------------------------------------
+# Adam (learning rate 1e-3), mini-batches of 64 rows, at most ``STEPS``
+# optimiser steps for every method and benchmark. Every ``EVAL_EVERY`` steps
+# the validation MSE is measured and the best parameters so far are kept. An
+# evaluation *improves* if it is at least 1 % below the best so far; after
+# ``PATIENCE`` evaluations without improvement the learning rate is divided by
+# 10 (at most ``LR_DROPS`` times), and after the next such plateau the run
+# stops: further steps no longer lower the validation error, the run has
+# converged. A run that reaches ``STEPS`` first stops there (reported as
+# "budget"). The test MSE is that of the kept parameters. Run ``k`` uses split
+# seed ``k`` and the same initial network for every method, so that methods
+# can be compared run by run.
+
+
+def batches(rows, gen):
+    """Mini-batches of ``rows``, reshuffled every epoch, without end."""
+    while True:
+        perm = rows[torch.randperm(len(rows), generator=gen)]
+        yield from perm.split(BATCH)
 
 
 def run(name, method, seed):
@@ -219,61 +270,139 @@ def run(name, method, seed):
     net = model = Surrogate(xs.shape[1], ys.shape[1])
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     gen = torch.Generator().manual_seed(seed)
-    best, best_state, curve = float("inf"), None, []
-    for _ in range(EPOCHS):
-        perm = tr[torch.randperm(len(tr), generator=gen)]
-        for i in range(0, len(perm), BATCH):
-            idx = perm[i : i + BATCH]
-            loss = training_loss(method, xs[idx], ys_train[idx], B, b[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+
+    def mse(rows):
         with torch.no_grad():
-            mu, s = model(xs[va])
-            val = float(((predict(method, mu, s, B, b[va]) - ys[va]) ** 2).mean())
+            mu, s = model(xs[rows])
+            pred = predict(method, mu, s, B, b[rows])
+        return float(((pred - ys[rows]) ** 2).mean()), pred
+
+    best, best_step, best_state = math.inf, 0, None
+    waited, stop, curve, drop_steps = 0, "budget", [], []
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    for step, idx in enumerate(batches(tr, gen), start=1):
+        loss = training_loss(method, xs[idx], ys_train[idx], B, b[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % EVAL_EVERY and step < STEPS:
+            continue
+        val, _ = mse(va)
         curve.append(val)
+        waited = 0 if val < (1 - MIN_DELTA) * best else waited + 1
         if val < best:
-            best, best_state = val, {k: v.clone() for k, v in model.state_dict().items()}
+            best, best_step = val, step
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+        if waited == PATIENCE:
+            if len(drop_steps) == LR_DROPS:
+                stop = "plateau"
+                break
+            drop_steps.append(step)
+            waited = 0
+            for group in opt.param_groups:
+                group["lr"] /= 10
+        if step >= STEPS:
+            break
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     model.load_state_dict(best_state)
-    with torch.no_grad():
-        mu, s = model(xs[te])
-        pred = predict(method, mu, s, B, b[te])
-        mse = float(((pred - ys[te]) ** 2).mean())
-        viol = float((pred @ B.T - b[te]).abs().max())
-    return mse, viol, curve
+    test, pred = mse(te)
+    viol = float((pred @ B.T - b[te]).abs().max())
+    return {
+        "benchmark": name,
+        "method": method,
+        "run": seed,
+        "test_mse": test,
+        "violation": viol,
+        "best_step": best_step,
+        "stop_step": step,
+        "stop": stop,
+        "lr_drop_steps": drop_steps,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "curve": curve,
+        "config": CONFIG,
+    }
 
 
 # %%
 # Run
 # ---
+# Every finished run is written at once as one JSON line, so an interrupted
+# piece keeps what it finished; all methods of run ``k`` come before run
+# ``k + 1``, so that what it finished can be compared run by run.
 
-results = {(n, k): [] for n in BENCHMARKS for k in METHODS}
-curves = {}
-t0 = time.time()
-for name in BENCHMARKS:
-    for method in METHODS:
-        t1 = time.time()
-        for seed in range(RUNS):
-            mse, viol, curve = run(name, method, seed)
-            results[name, method].append((mse, viol))
-            curves.setdefault((name, method), curve)
-        m = torch.tensor([r[0] for r in results[name, method]])
-        print(
-            f"{name:12s} {method:12s} test MSE x1e-4 {1e4 * float(m.mean()):8.3f} "
-            f"(median {1e4 * float(m.median()):.3f})  "
-            f"max violation {max(r[1] for r in results[name, method]):.1e}  "
-            f"({time.time() - t1:.0f} s)",
-            flush=True,
+
+def load_records(files):
+    """The runs recorded in ``files``; one configuration, no run twice."""
+    records, seen = [], {}
+    for path in files:
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            if r["config"] != CONFIG:
+                raise ValueError(
+                    f"{path.name} was run with {r['config']}, not with this run's {CONFIG}: "
+                    "set PLC_CHEM_STEPS / PLC_CHEM_EVAL_EVERY / PLC_CHEM_PATIENCE / "
+                    "PLC_CHEM_LR_DROPS as in that piece, or move the file out of "
+                    f"{OUT}."
+                )
+            key = (r["benchmark"], r["method"], r["run"])
+            if key in seen:
+                raise ValueError(
+                    f"run {key} is in both {seen[key].name} and {path.name}: "
+                    f"move one of them out of {OUT}."
+                )
+            seen[key] = path
+            records.append(r)
+    return records
+
+
+if MERGE:
+    files = sorted(OUT.glob("chemical_process_converged_full*.jsonl"))
+    if not files:
+        raise FileNotFoundError(
+            f"PLC_CHEM_MERGE=1 found no chemical_process_converged_full*.jsonl in {OUT}: "
+            "run the pieces first, or copy their records there (docs/results has them)."
         )
-print(f"total {time.time() - t0:.0f} s")
+    print("merging", ", ".join(p.name for p in files))
+    records = load_records(files)
+else:
+    records_file = OUT / f"chemical_process_converged_{MODE}.jsonl"
+    records_file.write_text("")
+    records = []
+    t0 = time.time()
+    for name in BENCHMARKS:  # run by run: an interrupted piece leaves complete pairs
+        for seed in range(FIRST_RUN, FIRST_RUN + RUNS):
+            for method in METHODS:
+                r = run(name, method, seed)
+                records.append(r)
+                with records_file.open("a") as f:
+                    f.write(json.dumps(r) + "\n")
+                print(
+                    f"{name:12s} {method:12s} run {seed}: test MSE x1e-4 "
+                    f"{1e4 * r['test_mse']:8.4f}  best step {r['best_step']:6d}  "
+                    f"stopped at {r['stop_step']:6d} ({r['stop']}, learning rate cut at "
+                    f"{r['lr_drop_steps']})  {r['seconds']:6.1f} s, CPU "
+                    f"{1e3 * r['cpu_seconds'] / r['stop_step']:.2f} ms/step",
+                    flush=True,
+                )
+    print(f"total {time.time() - t0:.0f} s")
 
 # %%
 # Results beside the paper
 # ------------------------
-# Test MSE x 1e-4 on the scaled outputs, mean ± std over ``RUNS`` runs. The
+# Test MSE x 1e-4 on the scaled outputs, mean ± std over the runs. The
 # paper's "constrained distribution" row is repeated for both of our training
 # objectives (the paper does not say which one its row used). "viol" is the
 # largest ``|B y + A x|`` (scaled units) of any test prediction.
+
+by = {}
+for r in records:
+    by.setdefault((r["benchmark"], r["method"]), {})[r["run"]] = r
+names = [n for n in ALL_BENCHMARKS if any(k[0] == n for k in by)]
+methods = [m for m in LABELS if any(k[1] == m for k in by)]
+runs = sorted({r["run"] for r in records})
 
 
 def cell(vals):
@@ -282,37 +411,105 @@ def cell(vals):
     return f"{float(t.mean()):.3g} ± {sd:.2g}"
 
 
-mode = ("smoke" if SMOKE else "full") + os.environ.get("PLC_TAG", "")
+def median(vals):
+    return float(torch.tensor(vals, dtype=torch.float64).median())
+
+
+head = (
+    f"Chemical-process surrogates ({MODE}: runs {runs[0]}-{runs[-1]}, at most {STEPS:,} "
+    f"Adam steps of {BATCH} rows, validation every {EVAL_EVERY} steps, patience {PATIENCE}, "
+    f"{LR_DROPS} learning-rate drops, float64)"
+)
 lines = [
-    f"Chemical-process surrogates ({mode}: {RUNS} runs, {EPOCHS} epochs, float64); "
-    "test MSE x 1e-4, ours | paper",
-    f"{'method':46s}" + "".join(f" {n:>27s}" for n in BENCHMARKS) + f" {'max viol':>9s}",
+    head,
+    "test MSE x 1e-4, mean ± std over runs: ours | paper",
+    f"{'method':46s}" + "".join(f" {n:>27s}" for n in names) + f" {'max viol':>9s}",
 ]
-for k, label in METHODS.items():
-    row = f"{label:46s}"
-    for j, n in enumerate(BENCHMARKS):
-        row += f" {cell([r[0] for r in results[n, k]]):>13s} |{PAPER[k][j]:>12s}"
-    viol = max(r[1] for n in BENCHMARKS for r in results[n, k])
+for k in methods:
+    row = f"{LABELS[k]:46s}"
+    for n in names:
+        rs = list(by.get((n, k), {}).values())
+        ours = cell([r["test_mse"] for r in rs]) if rs else "-"
+        row += f" {ours:>13s} |{PAPER[k][ALL_BENCHMARKS.index(n)]:>12s}"
+    viol = max(r["violation"] for n in names for r in by.get((n, k), {}).values())
     lines.append(row + f" {viol:9.1e}")
+
+lines += [
+    "",
+    "convergence: median step of the kept (best) model / median stopping step, "
+    "runs stopped by the plateau rule (not the budget), runs",
+    f"{'method':46s}" + "".join(f" {n:>27s}" for n in names),
+]
+for k in methods:
+    row = f"{LABELS[k]:46s}"
+    for n in names:
+        rs = list(by.get((n, k), {}).values())
+        if not rs:
+            row += f" {'-':>27s}"
+            continue
+        best = median([r["best_step"] for r in rs])
+        stop = median([r["stop_step"] for r in rs])
+        plateau = sum(r["stop"] == "plateau" for r in rs)
+        row += f" {f'{best:,.0f} / {stop:,.0f}, {plateau}/{len(rs)}':>27s}"
+    lines.append(row)
+
+if "kkt" in methods:
+    lines += [
+        "",
+        "paired against KKT-hPINN, same split and initialisation: test MSE x 1e-4 of the "
+        "method minus KKT-hPINN's, mean ± standard error, wins = runs where the method is lower",
+        f"{'method':46s}" + "".join(f" {n:>27s}" for n in names),
+    ]
+    for k in methods:
+        if k == "kkt":
+            continue
+        row = f"{LABELS[k]:46s}"
+        for n in names:
+            ours, ref = by.get((n, k), {}), by.get((n, "kkt"), {})
+            common = sorted(set(ours) & set(ref))
+            if not common:
+                row += f" {'-':>27s}"
+                continue
+            diff = 1e4 * torch.tensor([ours[i]["test_mse"] - ref[i]["test_mse"] for i in common])
+            se = float(diff.std()) / math.sqrt(len(common)) if len(common) > 1 else math.nan
+            wins = int((diff < 0).sum())
+            row += f" {f'{float(diff.mean()):+.3g} ± {se:.2g}, {wins}/{len(common)}':>27s}"
+        lines.append(row)
+
 table = "\n".join(lines)
 print(table)
-(OUT / f"chemical_process_results_{mode}.txt").write_text(table + "\n")
+(OUT / f"chemical_process_converged_{MODE}.txt").write_text(table + "\n")
 
 # %%
-# Validation curves of the first run
-# ----------------------------------
+# Learning curves
+# ---------------
+# Validation MSE against optimiser steps, the median over runs of each method.
+# After a run stops it holds its kept (best) model, so its value from then on
+# is its best validation MSE; a dot marks the median stopping step.
 
-fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-for ax, name in zip(axes, BENCHMARKS):
-    for k, label in METHODS.items():
-        ax.plot(curves[name, k], label=label)
+for n in names:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k in methods:
+        rs = list(by.get((n, k), {}).values())
+        if not rs:
+            continue
+        length = max(len(r["curve"]) for r in rs)
+        held = torch.tensor(
+            [r["curve"] + [min(r["curve"])] * (length - len(r["curve"])) for r in rs]
+        )
+        steps = [min(EVAL_EVERY * (j + 1), STEPS) for j in range(length)]
+        med = held.median(0).values
+        (line,) = ax.plot(steps, med, label=LABELS[k], lw=1)
+        stop = median([r["stop_step"] for r in rs])
+        j = min(max(int(stop) // EVAL_EVERY - 1, 0), length - 1)
+        ax.plot(steps[j], float(med[j]), "o", color=line.get_color(), ms=4)
     ax.set_yscale("log")
-    ax.set_title(name)
-    ax.set_xlabel("epoch")
-axes[0].set_ylabel("validation MSE (scaled)")
-axes[0].legend(fontsize=6)
-fig.tight_layout()
-fig.savefig(OUT / f"chemical_process_validation_{mode}.png", dpi=120)
+    ax.set_title(f"{n}: validation MSE, median over {len(runs)} runs")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("validation MSE (scaled)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(OUT / f"chemical_process_converged_curves_{n}_{MODE}.png", dpi=120)
 print(f"figures and table in {OUT}")
 
 torch.set_num_threads(_saved[0])
