@@ -101,8 +101,8 @@ CHECKPOINTS = 4 if SMOKE else 8  # points of the training curves
 # Per data set: image side, block side, latent size, epochs, smallest decoder scale,
 # number of test images scored (None: the whole 20% test split).
 CONFIG = {
-    "digits": dict(side=8, k=2, latent=8, epochs=3 if SMOKE else 150, floor=1e-2, test=None),
-    "mnist": dict(side=14, k=2, latent=16, epochs=1 if SMOKE else 40, floor=1e-3, test=500),
+    "digits": dict(side=8, k=2, latent=8, epochs=3 if SMOKE else 100, floor=1e-2, test=None),
+    "mnist": dict(side=14, k=2, latent=16, epochs=1 if SMOKE else 20, floor=1e-3, test=500),
 }
 if SMOKE:
     for cfg in CONFIG.values():
@@ -662,7 +662,7 @@ for name in DATASETS:
                     f"{row['elbo']:8.2f}  recon {row['recon']:7.3f}  KL {row['kl']:6.2f}  "
                     f"AU {row['active']:2d}  logvar {row['logvar']:6.2f}  calib "
                     f"{row['calib']:5.2f}  viol {row['violation']:.3f} "
-                    f"({row['seconds']:.0f} CPU s)"
+                    f"({row['seconds']:.1f} CPU s)"
                 )
             if method == "unconstrained":
                 row = rows["posthoc"]
