@@ -181,9 +181,14 @@ def test_sparse_and_integer_S_match_dense(layout):
     torch.testing.assert_close(plc.reconcile(base, S2).mean, plc.reconcile(base, S).mean)
 
 
-def test_structured_S_uses_a_sparse_operator_without_n_by_n_work():
-    # 1 total + 5 groups + 200,000 bottom series: an n x n matrix would hold 4e10 entries
-    n_bottom, k = 200_000, 5
+def test_structured_S_uses_a_sparse_operator_without_n_by_n_work(monkeypatch):
+    # 1 total + 5 groups + 50,000 bottom series: an n x n matrix would hold 2.5e9 entries,
+    # and no m x n matrix is formed either (to_dense raises)
+    def no_dense(self):
+        raise AssertionError("the m x n matrix was formed")
+
+    monkeypatch.setattr(SparseOperator, "to_dense", no_dense)
+    n_bottom, k = 50_000, 5
     groups = torch.arange(n_bottom) % k
     rows = torch.cat(
         [torch.zeros(n_bottom, dtype=torch.long), 1 + groups, 1 + k + torch.arange(n_bottom)]
@@ -191,16 +196,28 @@ def test_structured_S_uses_a_sparse_operator_without_n_by_n_work():
     cols = torch.arange(n_bottom).repeat(3)
     n = 1 + k + n_bottom
     S = torch.sparse_coo_tensor(torch.stack([rows, cols]), torch.ones(3 * n_bottom), (n, n_bottom))
-    loc = torch.ones(n, dtype=F64)
-    loc[0] = 0.0  # the total's forecast says 0, the bottom series say n_bottom
+    loc = torch.rand(n, dtype=F64)
+    loc[0] = 0.0  # very incoherent: the total says 0
     d = plc.reconcile(dist.Normal(loc, torch.ones(n, dtype=F64)).to_event(1), S)
     assert isinstance(d.A, SparseOperator)
     assert d.A.nnz == (1 + k) + 2 * n_bottom
     x = d.sample((2,))
     r, bound = identity_residual_sparse(groups, k, x)
     assert bool((r <= bound).all())
-    # OLS by hand on this tree: the mean is coherent and moves the total towards the bottom
-    assert 0 < float(d.mean[0]) < n_bottom
+    # OLS (W = I) by its optimality conditions: mean coherent, and loc - mean = A^T u, where
+    # u is read off the aggregate entries (A's identity block) and the bottom entries of
+    # A^T u are -(u_total + u_group)
+    mean = d.mean
+    r, bound = identity_residual_sparse(groups, k, mean)
+    assert bool((r <= bound).all())
+    u = (loc - mean)[: 1 + k]
+    expected_bottom = -(u[0] + u[1 + groups])
+    torch.testing.assert_close((loc - mean)[1 + k :], expected_bottom, rtol=1e-9, atol=1e-12)
+    # samples in: the low-rank shrinkage covariance (8 samples << n), still no dense matrix
+    y = loc + torch.randn(8, n, dtype=F64)
+    xs = plc.reconcile(y, S)
+    r, bound = identity_residual_sparse(groups, k, xs)
+    assert bool((r <= bound).all())
 
 
 def identity_residual_sparse(groups, k, x):
