@@ -46,7 +46,8 @@ in well under a minute (the documentation build does); the published numbers com
 from the full mode (``PLC_SMOKE=0``). A long run splits into pieces with
 ``PLC_VAE_DATA`` (``digits``, ``mnist``), ``PLC_VAE_SEEDS`` (e.g. ``0,1,2``),
 ``PLC_VAE_METHODS`` (e.g. ``unconstrained,likelihood``), ``PLC_VAE_EPOCHS`` and
-``PLC_VAE_PARTICLES``.
+``PLC_VAE_PARTICLES``; ``PLC_VAE_DECODER_SEES_B=0`` runs the variant whose decoder
+does not see the low-resolution image.
 """
 
 # %%
@@ -69,7 +70,7 @@ from pyro.optim import Adam
 from torch import nn
 
 import pyro_linconstr as plc
-from pyro_linconstr._tutorial import env_int, env_subset, smoke_mode
+from pyro_linconstr._tutorial import env_flag, env_int, env_subset, smoke_mode
 
 SMOKE = smoke_mode()  # PLC_SMOKE=1 (or true/yes/on): a quick run
 DATASETS = env_subset("PLC_VAE_DATA", ["digits", "mnist"])
@@ -93,6 +94,11 @@ if os.environ.get("PLC_VAE_SEEDS", "").strip():  # a piece of a long run, e.g. "
     SEEDS = [int(s) for s in env_subset("PLC_VAE_SEEDS", [str(i) for i in range(20)])]
 PARTICLES = env_int("PLC_VAE_PARTICLES", 16 if SMOKE else 200, minimum=2)  # IWAE K
 EPOCHS_OVERRIDE = env_int("PLC_VAE_EPOCHS", 0, minimum=0)  # 0: the data set's default
+# Does the decoder see the low-resolution image? On (default): a conditional VAE. Off:
+# the decoder sees only z, and the low-resolution image reaches the model only through
+# the law (or, for the unconstrained model, through the latent).
+DECODER_SEES_B = env_flag("PLC_VAE_DECODER_SEES_B", True)
+VARIANT = "" if DECODER_SEES_B else "_nob"  # suffix of the figures' file names
 HIDDEN, BATCH, LR = 256, 128, 3e-3
 VIOLATION_TOL = 1e-3  # a Gaussian sample violates the law when some block is off by more
 SAMPLES_PER_IMAGE = 4  # samples per test image for the violation rate
@@ -120,6 +126,7 @@ OUT.mkdir(parents=True, exist_ok=True)
 T0 = time.time()
 print(
     f"smoke mode: {SMOKE}; data {DATASETS}; seeds {SEEDS}; {PARTICLES} importance samples; "
+    f"decoder sees b: {DECODER_SEES_B}; "
     f"methods {METHODS}"
 )
 
@@ -242,11 +249,14 @@ class Decoder(nn.Module):
     def __init__(self, P, family, scale_in):
         super().__init__()
         self.family, self.scale_in, self.kk, self.floor = family, scale_in, P.kk, P.floor
-        self.net = mlp(P.latent + P.m, 2 * P.n if family == "gaussian" else P.n)
+        n_in = P.latent + (P.m if DECODER_SEES_B else 0)
+        self.net = mlp(n_in, 2 * P.n if family == "gaussian" else P.n)
 
     def forward(self, z, b):
-        b = b.expand(z.shape[:-1] + b.shape[-1:])
-        out = self.net(torch.cat([z, b / (self.kk * self.scale_in)], -1))
+        if DECODER_SEES_B:
+            b = b.expand(z.shape[:-1] + b.shape[-1:])
+            z = torch.cat([z, b / (self.kk * self.scale_in)], -1)
+        out = self.net(z)
         if self.family == "gaussian":
             loc, raw = out.chunk(2, -1)
             return torch.sigmoid(loc), nn.functional.softplus(raw) + self.floor
@@ -715,7 +725,10 @@ for name in DATASETS:
     rows_here = [(r, v) for (d, r), v in RESULTS.items() if d == name]
     if not rows_here:
         continue
-    print(f"\n[{name}] ({len(SEEDS)} seeds, {CONFIG[name]['epochs']} epochs, {PARTICLES} IWAE)")
+    print(
+        f"\n[{name}] ({len(SEEDS)} seeds, {CONFIG[name]['epochs']} epochs, {PARTICLES} IWAE, "
+        f"decoder sees b: {DECODER_SEES_B})"
+    )
     head = (
         f"{'model':<22}{'test LL (IWAE)':>18}{'test ELBO':>19}{'recon':>16}{'KL':>8}"
         f"{'AU':>5}{'logvar':>8}{'calib':>7}{'viol':>7}"
@@ -802,7 +815,7 @@ for name in DATASETS:
     ax.set_ylim(bottom=lo)
     ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(OUT / f"vae_{name}_curves.png", dpi=110)
+    fig.savefig(OUT / f"vae_{name}{VARIANT}_curves.png", dpi=110)
 
     P = Problem(name, SEEDS[0])
     fig, axes = plt.subplots(len(methods_here), 8, figsize=(10, 1.3 * len(methods_here)))
@@ -831,7 +844,7 @@ for name in DATASETS:
         a.set_xticks([])
         a.set_yticks([])
     fig.tight_layout()
-    fig.savefig(OUT / f"vae_{name}_samples.png", dpi=110)
+    fig.savefig(OUT / f"vae_{name}{VARIANT}_samples.png", dpi=110)
 print(f"figures in {OUT}; total {time.time() - T0:.0f} s wall, {time.process_time():.0f} s CPU")
 
 # %%
