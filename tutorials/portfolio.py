@@ -331,16 +331,29 @@ def training_loss(method, mu, scale, r, lw):
 
 
 # %%
-# A check of the closed form: the mean and variance of ``r^T w`` over 20,000
-# exact constrained samples against ``m^T r`` and ``r^T C r``, within four
-# standard errors, for each law.
+# Checks, for each law: every constrained map satisfies ``A w = b`` to float64
+# rounding; with equal scales the conditional mean is the orthogonal projection
+# (KKT-hPINN is the equal-variance special case); the Jacobian of the softmax at
+# equal weights is the projection's; and the closed form: the mean and variance
+# of ``r^T w`` over 20,000 exact constrained samples against ``m^T r`` and
+# ``r^T C r``, within four standard errors.
 
 gen = torch.Generator().manual_seed(0)
 mu0 = 1.0 / N + 0.05 * torch.randn(N, generator=gen, dtype=torch.float64)
 s0 = 0.01 + 0.05 * torch.rand(N, generator=gen, dtype=torch.float64)
 r0 = 0.02 * torch.randn(N, generator=gen, dtype=torch.float64)
+jacobian = torch.autograd.functional.jacobian
 torch.manual_seed(0)
 for name, lw in LAWS.items():
+    for method in ("softmax", "projection", "layer", "marginal"):
+        residual = lw[0].matvec(weights(method, mu0, s0, lw)) - lw[1]
+        assert float(residual.abs().max()) < 1e-14, (name, method)
+    equal_scales = constrained(mu0, torch.full_like(s0, 0.03), lw).mean
+    assert torch.allclose(equal_scales, weights("projection", mu0, s0, lw), atol=1e-14)
+    ew = torch.full((N,), 1.0 / N, dtype=torch.float64)
+    jac_softmax = jacobian(lambda m, lw=lw: group_softmax(m, lw), ew)
+    jac_projection = jacobian(lambda m, lw=lw: plc.project(m, *lw[:2]), ew)
+    assert torch.allclose(jac_softmax, jac_projection, atol=1e-12), name
     d = constrained(mu0, s0, lw)
     draws = d.sample(torch.Size([20000])) @ r0
     var = float(conditional_return_variance(s0, r0, lw))
