@@ -153,21 +153,53 @@ class Surrogate(nn.Module):
 
 
 # %%
+# The runs are trained side by side: ``Runs`` holds ``R`` independent
+# surrogates, each weight with a leading run dimension, and maps inputs
+# ``(R, N, nx)`` to ``(R, N, ny)`` with batched matrix products. The loss is
+# the sum of the runs' losses, so every run gets exactly its own gradient; on
+# one CPU thread a step of ten small networks costs little more than a step of
+# one (the cost is per-call overhead, not arithmetic).
+
+
+class Runs(nn.Module):
+    def __init__(self, nets: list[Surrogate]):
+        super().__init__()
+        layers = [[n.body[0], n.body[2], n.mu, n.s] for n in nets]
+        self.w = nn.ParameterList(
+            nn.Parameter(torch.stack([ls[j].weight.detach().T for ls in layers])) for j in range(4)
+        )
+        self.b = nn.ParameterList(
+            nn.Parameter(torch.stack([ls[j].bias.detach() for ls in layers]).unsqueeze(1))
+            for j in range(4)
+        )
+
+    def forward(self, x):
+        h = torch.relu(torch.baddbmm(self.b[0], x, self.w[0]))
+        h = torch.relu(torch.baddbmm(self.b[1], h, self.w[1]))
+        mu = torch.baddbmm(self.b[2], h, self.w[2])
+        return mu, torch.exp(torch.baddbmm(self.b[3], h, self.w[3]))
+
+
+# %%
 # The surrogate as a Pyro model with a per-row law
 # ------------------------------------------------
 # Each row ``i`` of a mini-batch gets its own right-hand side
-# ``b_i = -A x_i``: ``b`` has shape ``(N, m)`` against one ``B`` ``(m, ny)``,
-# and ``plc.LinearConstraint`` broadcasts it against the plate of rows. The
-# observed site's distribution becomes ``N(mu(x), diag s(x))`` conditioned on
-# ``B y = b_i``.
+# ``b_i = -A x_i``: ``b`` has shape ``(R, N, m)`` (runs, rows) against one
+# ``B`` ``(m, ny)``, and ``plc.LinearConstraint`` broadcasts it against the
+# plates of runs and rows. The observed site's distribution becomes
+# ``N(mu(x), diag s(x))`` conditioned on ``B y = b_i``.
 
-net = None  # the network of the current run
+net = None  # the networks of the current runs
 
 
 def surrogate_model(x, B, b, y=None):
     pyro.module("mlp", net)
     mu, s = net(x)
-    with pyro.plate("rows", x.shape[0]), plc.LinearConstraint(B, b, site="y"):
+    with (
+        pyro.plate("runs", x.shape[0], dim=-2),
+        pyro.plate("rows", x.shape[1], dim=-1),
+        plc.LinearConstraint(B, b, site="y"),
+    ):
         return pyro.sample("y", dist.Normal(mu, s.sqrt()).to_event(1), obs=y)
 
 
@@ -176,11 +208,11 @@ def no_guide(x, B, b, y=None):
 
 
 def constrained(mu, s, B, b):
-    """``N(mu, diag s)`` conditioned on ``B y = b``, one ``b`` per row: batch (N,)."""
+    """``N(mu, diag s)`` conditioned on ``B y = b``, one ``b`` per row: batch (R, N)."""
     return plc.constrain(dist.Normal(mu, s.sqrt()).to_event(1), B, b)
 
 
-OBJECTIVES = {  # summed over rows; divided by the batch size below
+OBJECTIVES = {  # summed over runs and rows; divided by the batch size below
     "cr": plc.infer.ExpectedLoss("l2", estimator="reparam"),
     "expected_l2": plc.infer.ExpectedLoss("l2", estimator="closed_form"),
     "likelihood": pyro.infer.Trace_ELBO(),
@@ -188,18 +220,18 @@ OBJECTIVES = {  # summed over rows; divided by the batch size below
 
 
 def training_loss(method, x, y, B, b):
+    """The sum over runs of each run's mean loss over its mini-batch of rows."""
+    rows = x.shape[1]
     if method in OBJECTIVES:
-        return OBJECTIVES[method].differentiable_loss(surrogate_model, no_guide, x, B, b, y) / len(
-            y
-        )
+        return OBJECTIVES[method].differentiable_loss(surrogate_model, no_guide, x, B, b, y) / rows
     mu, _ = net(x)
     if method == "nn":
-        return ((mu - y) ** 2).sum(-1).mean()
+        return ((mu - y) ** 2).sum() / rows
     if method == "pinn":
-        penalty = ((mu @ B.T - b) ** 2).sum(-1)
-        return (((mu - y) ** 2).sum(-1) + PENALTY * penalty).mean()
+        penalty = ((mu @ B.T - b) ** 2).sum()
+        return (((mu - y) ** 2).sum() + PENALTY * penalty) / rows
     if method == "kkt":  # a differentiable projection layer
-        return ((plc.project(mu, B, b) - y) ** 2).sum(-1).mean()
+        return ((plc.project(mu, B, b) - y) ** 2).sum() / rows
     raise ValueError(method)
 
 
@@ -254,7 +286,8 @@ def batches(rows, gen):
         yield from perm.split(BATCH)
 
 
-def run(name, method, seed):
+def train(name, method, seeds):
+    """Train run ``k`` for every ``k`` in ``seeds`` (side by side); one record per run."""
     d = data[name]
     xs, ys = d.x_scaled, d.y_scaled
     B = d.B_scaled
@@ -263,73 +296,100 @@ def run(name, method, seed):
     # constrained model needs targets on the subspace, so train on their
     # orthogonal projection (a change far below the test errors); test on raw y'
     ys_train = plc.project(ys, B, b)
-    tr, va, te = split_rows(xs.shape[0], seed=seed)
+    splits = [split_rows(xs.shape[0], seed=k) for k in seeds]
+    tr, va, te = (torch.stack(rows) for rows in zip(*splits))  # (R, rows) each
+    nets = []
+    for k in seeds:  # run k: the same initial network for every method
+        torch.manual_seed(k)
+        nets.append(Surrogate(xs.shape[1], ys.shape[1]))
     global net
-    torch.manual_seed(seed)
     pyro.clear_param_store()
-    net = model = Surrogate(xs.shape[1], ys.shape[1])
-    opt = torch.optim.Adam(model.parameters(), lr=LR)
-    gen = torch.Generator().manual_seed(seed)
+    net = model = Runs(nets)
+    params = list(model.parameters())
+    # Adam with learning rate 1 gives each step's direction; the step of run r
+    # is that direction times run r's own learning rate (Adam is elementwise,
+    # so this is one Adam per run; a run that has stopped gets rate 0)
+    opt = torch.optim.Adam(params, lr=1.0)
+    lr = torch.full((len(seeds), 1, 1), LR)
+    streams = [batches(tr[r], torch.Generator().manual_seed(k)) for r, k in enumerate(seeds)]
 
     def mse(rows):
         with torch.no_grad():
             mu, s = model(xs[rows])
             pred = predict(method, mu, s, B, b[rows])
-        return float(((pred - ys[rows]) ** 2).mean()), pred
+        return ((pred - ys[rows]) ** 2).mean((-2, -1)), pred
 
-    best, best_step, best_state = math.inf, 0, None
-    waited, stop, curve, drop_steps = 0, "budget", [], []
+    R = len(seeds)
+    best = torch.full((R,), math.inf)
+    best_params = [p.detach().clone() for p in params]
+    best_step, stop_step = [0] * R, [0] * R
+    waited, stop = [0] * R, ["budget"] * R
+    curves, drop_steps = [[] for _ in range(R)], [[] for _ in range(R)]
+    running = torch.ones(R, dtype=torch.bool)
     t0, cpu0 = time.perf_counter(), time.process_time()
-    for step, idx in enumerate(batches(tr, gen), start=1):
+    for step in range(1, STEPS + 1):
+        idx = torch.stack([next(stream) for stream in streams])  # (R, rows of a batch)
         loss = training_loss(method, xs[idx], ys_train[idx], B, b[idx])
         opt.zero_grad()
         loss.backward()
+        before = [p.detach().clone() for p in params]
         opt.step()
+        with torch.no_grad():
+            for p, p0 in zip(params, before):
+                p.copy_(torch.lerp(p0, p, lr))  # p0 + lr (p - p0)
         if step % EVAL_EVERY and step < STEPS:
             continue
         val, _ = mse(va)
-        curve.append(val)
-        waited = 0 if val < (1 - MIN_DELTA) * best else waited + 1
-        if val < best:
-            best, best_step = val, step
-            best_state = {k: v.clone() for k, v in model.state_dict().items()}
-        if waited == PATIENCE:
-            if len(drop_steps) == LR_DROPS:
-                stop = "plateau"
-                break
-            drop_steps.append(step)
-            waited = 0
-            for group in opt.param_groups:
-                group["lr"] /= 10
-        if step >= STEPS:
+        for r in running.nonzero().flatten().tolist():
+            v = float(val[r])
+            curves[r].append(v)
+            waited[r] = 0 if v < (1 - MIN_DELTA) * float(best[r]) else waited[r] + 1
+            if v < best[r]:
+                best[r], best_step[r] = v, step
+                for p, q in zip(params, best_params):
+                    q[r] = p.detach()[r]
+            stop_step[r] = step
+            if waited[r] == PATIENCE:
+                if len(drop_steps[r]) == LR_DROPS:
+                    stop[r], running[r], lr[r] = "plateau", False, 0.0
+                else:
+                    drop_steps[r].append(step)
+                    waited[r], lr[r] = 0, lr[r] / 10
+        if not running.any():
             break
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
-    model.load_state_dict(best_state)
+    with torch.no_grad():
+        for p, q in zip(params, best_params):
+            p.copy_(q)
     test, pred = mse(te)
-    viol = float((pred @ B.T - b[te]).abs().max())
-    return {
-        "benchmark": name,
-        "method": method,
-        "run": seed,
-        "test_mse": test,
-        "violation": viol,
-        "best_step": best_step,
-        "stop_step": step,
-        "stop": stop,
-        "lr_drop_steps": drop_steps,
-        "seconds": seconds,
-        "cpu_seconds": cpu_seconds,
-        "curve": curve,
-        "config": CONFIG,
-    }
+    viol = (pred @ B.T - b[te]).abs().amax((-2, -1))
+    return [
+        {
+            "benchmark": name,
+            "method": method,
+            "run": k,
+            "test_mse": float(test[r]),
+            "violation": float(viol[r]),
+            "best_step": best_step[r],
+            "stop_step": stop_step[r],
+            "stop": stop[r],
+            "lr_drop_steps": drop_steps[r],
+            "curve": curves[r],
+            "runs_together": R,
+            "steps_together": step,
+            "seconds_together": seconds,
+            "cpu_seconds_together": cpu_seconds,
+            "config": CONFIG,
+        }
+        for r, k in enumerate(seeds)
+    ]
 
 
 # %%
 # Run
 # ---
-# Every finished run is written at once as one JSON line, so an interrupted
-# piece keeps what it finished; all methods of run ``k`` come before run
-# ``k + 1``, so that what it finished can be compared run by run.
+# The runs of a method are written as JSON lines as soon as they finish, so an
+# interrupted piece keeps what it finished.
 
 
 def load_records(files):
@@ -372,21 +432,27 @@ else:
     records_file.write_text("")
     records = []
     t0 = time.time()
-    for name in BENCHMARKS:  # run by run: an interrupted piece leaves complete pairs
-        for seed in range(FIRST_RUN, FIRST_RUN + RUNS):
-            for method in METHODS:
-                r = run(name, method, seed)
-                records.append(r)
-                with records_file.open("a") as f:
-                    f.write(json.dumps(r) + "\n")
+    # KKT-hPINN and the closed form first: an interrupted piece has the pair
+    order = sorted(METHODS, key=["kkt", "expected_l2", "nn", "cr", "likelihood", "pinn"].index)
+    for name in BENCHMARKS:
+        for method in order:
+            done = train(name, method, list(range(FIRST_RUN, FIRST_RUN + RUNS)))
+            records += done
+            with records_file.open("a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in done)
+            for r in done:
                 print(
-                    f"{name:12s} {method:12s} run {seed}: test MSE x1e-4 "
+                    f"{name:12s} {method:12s} run {r['run']}: test MSE x1e-4 "
                     f"{1e4 * r['test_mse']:8.4f}  best step {r['best_step']:6d}  "
-                    f"stopped at {r['stop_step']:6d} ({r['stop']}, learning rate cut at "
-                    f"{r['lr_drop_steps']})  {r['seconds']:6.1f} s, CPU "
-                    f"{1e3 * r['cpu_seconds'] / r['stop_step']:.2f} ms/step",
-                    flush=True,
+                    f"stopped at {r['stop_step']:6d} ({r['stop']}; learning rate cut at "
+                    f"{r['lr_drop_steps']})"
                 )
+            print(
+                f"{name:12s} {method:12s} {r['runs_together']} runs side by side: "
+                f"{r['steps_together']} steps in {r['seconds_together']:.0f} s "
+                f"(CPU {1e3 * r['cpu_seconds_together'] / r['steps_together']:.2f} ms/step)",
+                flush=True,
+            )
     print(f"total {time.time() - t0:.0f} s")
 
 # %%
@@ -499,12 +565,12 @@ for n in names:
         )
         steps = [min(EVAL_EVERY * (j + 1), STEPS) for j in range(length)]
         med = held.median(0).values
-        (line,) = ax.plot(steps, med, label=LABELS[k], lw=1)
+        (line,) = ax.plot(steps, med, label=f"{LABELS[k]} ({len(rs)} runs)", lw=1)
         stop = median([r["stop_step"] for r in rs])
         j = min(max(int(stop) // EVAL_EVERY - 1, 0), length - 1)
         ax.plot(steps[j], float(med[j]), "o", color=line.get_color(), ms=4)
     ax.set_yscale("log")
-    ax.set_title(f"{n}: validation MSE, median over {len(runs)} runs")
+    ax.set_title(f"{n}: validation MSE, median over runs")
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("validation MSE (scaled)")
     ax.legend(fontsize=6)
