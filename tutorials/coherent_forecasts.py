@@ -34,6 +34,7 @@ the full mode five rolling origins (a few minutes on one thread).
 # %%
 # Setup
 # -----
+import math
 import time
 from pathlib import Path
 
@@ -260,11 +261,23 @@ def mint_projection(S: np.ndarray, W: np.ndarray) -> np.ndarray:
 # * MASE of the point forecast (the mean of the samples; for MinT the projection
 #   of the base mean): mean absolute error over the scale of in-sample one-month
 #   changes (the data are seasonally adjusted, so the naive scale is one month);
+# * energy score of the joint forecast of all 22 series (each divided by its last
+#   training level, in percent), ``E||X - y|| - E||X - X'|| / 2``, estimated from
+#   the samples (``X'`` the second half of the samples paired with the first):
+#   unlike CRPS it sees whether the samples of the series fit together;
 # * coherence error: the largest ``|y_agg - S_agg y_bottom| / y_agg`` over all
 #   samples, months and aggregates.
 def crps_percent(samples: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """(H, n) CRPS of each month and series, in percent of the series' mean test level."""
     return 100 * crps_empirical(samples, truth) / truth.mean(0)
+
+
+def energy_score(samples: torch.Tensor, truth: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """(H,) energy score of each month's joint forecast, series in percent of ``ref``."""
+    x, y = 100 * samples / ref, 100 * truth / ref
+    half = x.shape[0] // 2
+    spread = (x[:half] - x[half : 2 * half]).norm(dim=-1).mean(0)
+    return (x - y).norm(dim=-1).mean(0) - 0.5 * spread
 
 
 def coherence_error(x: torch.Tensor) -> float:
@@ -273,7 +286,7 @@ def coherence_error(x: torch.Tensor) -> float:
 
 
 METHODS = ["base", "bottom-up", "MinT-shrink", "plc.reconcile"]
-scores = {m: {"crps": [], "mase": [], "coherence": []} for m in METHODS}
+scores = {m: {"crps": [], "mase": [], "energy": [], "coherence": []} for m in METHODS}
 Sn = S.numpy()
 gauss_check = []
 
@@ -325,6 +338,7 @@ for origin in ORIGINS:
         scores[name]["crps"].append(crps_percent(x, test))
         point = x.mean(0)
         scores[name]["mase"].append((point - test).abs() / mase_scale)
+        scores[name]["energy"].append(energy_score(x, test, train[-1]))
         scores[name]["coherence"].append(coherence_error(x))
     log(
         f"origin {origin} (train to {MONTHS[origin - 1]}, test "
@@ -340,25 +354,39 @@ for origin in ORIGINS:
 # %%
 # Results
 # -------
-# Averages over the origins, the 12 months and the series of each level.
+# Averages over the origins, the 12 months and the series of each level; the
+# last column is the standard error of the "all" average over the origins
+# (their spread, divided by the square root of their number).
 cols = list(LEVEL_ROWS)
 
 
+def per_origin(metric: str, m: str, rows=None) -> torch.Tensor:
+    v = torch.stack(scores[m][metric])  # (origins, H[, n_total])
+    return (v if rows is None else v[..., rows]).flatten(1).mean(1)
+
+
+def se(v: torch.Tensor) -> str:
+    return f"{(v.std() / math.sqrt(len(v))).item():>10.3f}" if len(v) > 1 else f"{'-':>10}"
+
+
 def table(metric: str, title: str) -> list[str]:
-    head = f"{title:<16}" + "".join(f"{c:>10}" for c in cols)
+    head = f"{title:<16}" + "".join(f"{c:>10}" for c in cols) + f"{'se(all)':>10}"
     rows = [head, "-" * len(head)]
     for m in METHODS:
-        v = torch.stack(scores[m][metric])  # (origins, H, n_total)
-        rows.append(
-            f"{m:<16}" + "".join(f"{v[..., LEVEL_ROWS[c]].mean().item():>10.3f}" for c in cols)
-        )
+        means = [per_origin(metric, m, LEVEL_ROWS[c]).mean().item() for c in cols]
+        rows.append(f"{m:<16}" + "".join(f"{v:>10.3f}" for v in means) + se(per_origin(metric, m)))
     return rows
 
 
 lines = table("crps", "CRPS (% level)") + [""] + table("mase", "MASE")
-lines += ["", f"{'coherence error':<16}" + "".join(f"{m:>16}" for m in METHODS)]
+lines += ["", f"{'':<16}" + "".join(f"{m:>16}" for m in METHODS)]
 lines.append(
-    f"{'(max relative)':<16}" + "".join(f"{max(scores[m]['coherence']):>16.1e}" for m in METHODS)
+    f"{'energy score':<16}"
+    + "".join(f"{per_origin('energy', m).mean().item():>16.3f}" for m in METHODS)
+)
+lines.append(f"{'  se':<16}" + "".join(f"{se(per_origin('energy', m)):>16}" for m in METHODS))
+lines.append(
+    f"{'coherence error':<16}" + "".join(f"{max(scores[m]['coherence']):>16.1e}" for m in METHODS)
 )
 lines.append(
     f"({len(ORIGINS)} origin(s) x {HORIZON} months, {NUM_SAMPLES} samples, {STEPS} SVI steps; "
