@@ -320,7 +320,7 @@ for origin in ORIGINS:
         )
         for _ in range(RESTARTS)
     ]
-    final_losses = [float(np.mean(f.losses[-50:])) for f in fits]
+    final_losses = [float(np.median(f.losses[-100:])) for f in fits]  # robust to spikes
     forecaster = fits[int(np.argmin(final_losses))]
     with torch.no_grad():
         draws = forecaster(z, torch.zeros(origin + HORIZON, 0), num_samples=NUM_SAMPLES)
