@@ -42,13 +42,15 @@ version.
 # Environment switches (all optional): ``PLC_CHEM_BENCHMARKS=plant,cstr`` and
 # ``PLC_CHEM_METHODS=kkt,expected_l2`` run subsets; ``PLC_CHEM_RUNS`` runs
 # (default 10) starting at run ``PLC_CHEM_FIRST_RUN`` (default 0);
-# ``PLC_CHEM_STEPS`` the step budget, ``PLC_CHEM_EVAL_EVERY`` and
-# ``PLC_CHEM_PATIENCE`` the stopping rule (below); ``PLC_TAG`` a suffix of the
-# output files. Each finished run is appended to
-# ``output/chemical_process_converged_<mode><tag>.jsonl``, so a long run can be
-# split into pieces (different tags); ``PLC_CHEM_MERGE=1`` trains nothing and
+# ``PLC_CHEM_STEPS`` the step budget (default 15,000), ``PLC_CHEM_EVAL_EVERY``
+# (100), ``PLC_CHEM_PATIENCE`` (10) and ``PLC_CHEM_LR_DROPS`` (2) the stopping
+# rule (below); ``PLC_TAG`` a suffix of the output files. The runs of each
+# method are appended to ``output/chemical_process_converged_<mode><tag>.jsonl``
+# as soon as they finish, so a long run can be split into pieces (one tag
+# each, e.g. one benchmark each); ``PLC_CHEM_MERGE=1`` trains nothing and
 # reports on all ``chemical_process_converged_full*.jsonl`` files in
-# ``output/``.
+# ``output/`` (copy the pieces there), refusing pieces run with other settings
+# and runs recorded twice.
 
 import json
 import math
