@@ -44,6 +44,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.contrib.forecast import Forecaster, ForecastingModel
+from pyro.infer.autoguide import init_to_median
 from pyro.ops.stats import crps_empirical
 from vega_datasets import data
 
@@ -62,8 +63,7 @@ BURN_IN = 12  # in-sample one-step errors are taken after the first year
 RESTARTS = 1 if SMOKE else 2
 
 torch.set_num_threads(1)
-DT = torch.float64  # evaluation and reconciliation; the Forecaster runs in float32
-F32 = torch.float32
+DT = torch.float64  # everything, the Forecaster included (its Kalman filter is unstable in float32)
 try:
     OUT = Path(__file__).resolve().parent / "output"
 except NameError:  # run interactively
@@ -178,21 +178,22 @@ log(
 class DampedLocalTrend(ForecastingModel):
     def model(self, zero_data, covariates):
         duration = zero_data.size(-2)
+        c = zero_data.new_tensor  # constants in the data's dtype (float64 here)
         series = pyro.plate("series", zero_data.size(-3), dim=-2)
         with series:
-            level_scale = pyro.sample("level_scale", dist.LogNormal(-1.0, 1.0)).squeeze(-1)
-            slope_scale = pyro.sample("slope_scale", dist.LogNormal(-3.0, 1.0)).squeeze(-1)
-            obs_scale = pyro.sample("obs_scale", dist.LogNormal(-2.0, 1.0)).squeeze(-1)
-            damping = pyro.sample("damping", dist.Beta(8.0, 1.0)).squeeze(-1)
+            level_scale = pyro.sample("level_scale", dist.LogNormal(c(-1.0), 1.0)).squeeze(-1)
+            slope_scale = pyro.sample("slope_scale", dist.LogNormal(c(-3.0), 1.0)).squeeze(-1)
+            obs_scale = pyro.sample("obs_scale", dist.LogNormal(c(-2.0), 1.0)).squeeze(-1)
+            damping = pyro.sample("damping", dist.Beta(c(8.0), c(1.0))).squeeze(-1)
         one, zero = torch.ones_like(damping), torch.zeros_like(damping)
         # row-vector convention of GaussianHMM: state' = state @ M, state = (level, slope)
         M = torch.stack([torch.stack([one, zero], -1), torch.stack([one, damping], -1)], -2)
         trans_scale = torch.stack([level_scale, slope_scale], -1).unsqueeze(-2)
         noise = dist.GaussianHMM(
-            dist.Normal(torch.zeros(2), torch.full((2,), 10.0)).to_event(1),
+            dist.Normal(c([0.0, 0.0]), c([10.0, 10.0])).to_event(1),
             M.unsqueeze(-3),
             dist.Normal(0.0, trans_scale).to_event(1),
-            torch.tensor([[1.0], [0.0]]),
+            c([[1.0], [0.0]]),
             dist.Normal(0.0, obs_scale[..., None, None]).to_event(1),
             duration=duration,
         )
@@ -308,13 +309,14 @@ for origin in ORIGINS:
     logs = train.log()
     loc = logs[0]
     scale = logs.diff(dim=0).std(0)  # one standardised unit = one month's typical change
-    z = ((logs - loc) / scale).T.unsqueeze(-1).to(F32)  # (n_total, T, 1): a batch of series
+    z = ((logs - loc) / scale).T.unsqueeze(-1)  # (n_total, T, 1): a batch of series, float64
     fits = [
         Forecaster(
             DampedLocalTrend(),
             z,
-            torch.zeros(origin, 0),
+            torch.zeros(origin, 0, dtype=DT),
             learning_rate=0.05,
+            init_loc_fn=init_to_median,
             num_steps=STEPS,
             log_every=0,
         )
@@ -323,13 +325,13 @@ for origin in ORIGINS:
     final_losses = [float(np.median(f.losses[-100:])) for f in fits]  # robust to spikes
     forecaster = fits[int(np.argmin(final_losses))]
     with torch.no_grad():
-        draws = forecaster(z, torch.zeros(origin + HORIZON, 0), num_samples=NUM_SAMPLES)
+        draws = forecaster(z, torch.zeros(origin + HORIZON, 0, dtype=DT), num_samples=NUM_SAMPLES)
     # (N, n_total, H, 1) standardised log levels -> (N, H, n_total) levels
-    base = (loc + scale * draws.squeeze(-1).transpose(-1, -2).to(DT)).exp()
+    base = (loc + scale * draws.squeeze(-1).transpose(-1, -2)).exp()
 
     bottom_up = base[..., n_agg:] @ S.T
 
-    fitted = one_step_levels(z.squeeze(-1).to(DT), forecaster.guide.median(), loc, scale)
+    fitted = one_step_levels(z.squeeze(-1), forecaster.guide.median(), loc, scale)
     resid = (train - fitted)[BURN_IN:].numpy()
     W, lam = shrink_covariance(resid)
     P = torch.from_numpy(mint_projection(Sn, W))
