@@ -651,7 +651,7 @@ for law_name in LAWS:
     for k in METHODS:
         if k == "projection":
             continue
-        d = torch.tensor([x["sharpe"] for x in rows[(law_name, k)]]) - base
+        d = torch.tensor([x["sharpe"] for x in rows[(law_name, k)]][: len(base)]) - base
         lines.append(
             f"{METHODS[k]:40s} {float(d.mean()):+.3f} ± {float(d.std()) / len(d) ** 0.5:.3f}"
             f"  better on {int((d > 0).sum())}/{len(d)} seeds"
@@ -660,12 +660,23 @@ for law_name in LAWS:
 # %%
 # Why (or why not) the networks beat equal weight
 # -----------------------------------------------
-# In-sample Sharpe (training years, at the chosen epoch; for skfolio the fitting
+# First the difference to equal weight (deterministic, so not paired): mean ±
+# standard error over seeds, and on how many seeds the network beat it. Then the
+# in-sample Sharpe (training years, at the chosen epoch; for skfolio the fitting
 # window), validation Sharpe, out-of-sample Sharpe, the chosen epoch and the
 # active share ``0.5 sum_i |w_i - 1/n|`` against equal weight; then the
 # out-of-sample Sharpe per test year (mean over seeds).
 
 for law_name in LAWS:
+    equal = rows[(law_name, "equal")][0]["sharpe"]
+    lines += ["", f"law {law_name}: Sharpe minus that of equal weight ({equal:.3f})"]
+    for k in METHODS:
+        d = torch.tensor([x["sharpe"] for x in rows[(law_name, k)]]) - equal
+        se = float(d.std()) / len(d) ** 0.5 if len(d) > 1 else float("nan")
+        lines.append(
+            f"{METHODS[k]:40s} {float(d.mean()):+.3f} ± {se:.3f}"
+            f"  better on {int((d > 0).sum())}/{len(d)} seeds"
+        )
     lines += [
         "",
         f"law {law_name}: in sample vs out of sample",
@@ -691,3 +702,37 @@ print(f"table in {OUT}; total {time.time() - T0:.0f} s")
 
 torch.set_num_threads(_saved[0])
 torch.distributions.Distribution.set_default_validate_args(_saved[1])
+
+# %%
+# What the full run shows
+# -----------------------
+# The rendered page above is the smoke run (one test year, three epochs). The
+# full run, ``docs/results/portfolio_full.txt`` (test years 2018-2022, 10 seeds
+# for the budget law), reads:
+#
+# * **No network beats equal weight.** Equal weight has Sharpe 0.90; the best
+#   network, with softmax weights, is level with it (0.90 ± 0.08, +0.007 ±
+#   0.025, better on 5 of 10 seeds), and every other is below. So are the
+#   optimised references (minimum variance 0.71, maximum Sharpe 0.76): the
+#   "1/n puzzle" of DeMiguel, Garlappi & Uppal (2009) on 20 large stocks.
+# * **Why: the learned edge does not carry to the next year.** The networks
+#   reach Sharpe 2.0-2.3 on their training years and on the validation year
+#   that picks their epoch, and 0.55-0.90 out of sample; equal weight goes from
+#   1.08 in sample to 0.90. A daily turnover of 0.5-0.9 for the constrained
+#   networks (equal weight: 0.01) means they trade on day-to-day noise; with
+#   costs they would lose more.
+# * **The paper's direction is reproduced at its ends only.** Every method
+#   that enforces the budget beats the unconstrained network (0.55 ± 0.23, its
+#   weights summing to anything within 1.4 of one), and the constraint layer,
+#   which pins the whole budget residual on one stock, is the worst of them
+#   (0.58, drawdown 0.54). Between the projection and conditioning the order is
+#   reversed here: projection 0.84 ± 0.12, constrained reparametrization 0.80,
+#   conditioning 0.78 (marginal) and 0.75 (closed form); the paired difference
+#   of the marginal estimator against the projection is -0.056 ± 0.028 (better
+#   on 4 of 10 seeds). The measurement: the extra degree of freedom of
+#   conditioning (which assets absorb the budget's residual, through the
+#   learned scales) is spent on larger bets, active share 0.53 against 0.39 for
+#   the projection and turnover 0.85 against 0.61, which fit the training
+#   years better (Sharpe 2.28 against 2.15) and the test years worse.
+# * Every constrained method satisfies its law to float64 rounding
+#   (``max viol`` about 1e-15), under the sector law too.
