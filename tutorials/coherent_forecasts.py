@@ -29,7 +29,7 @@ months from January 2006 to December 2015, seasonally adjusted, thousands of
 jobs, from the Bureau of Labor Statistics' Current Employment Statistics.
 ``PLC_SMOKE=1`` runs one forecast origin with a short fit (well under a minute);
 the full mode 13 rolling origins, one per quarter from January 2012 to January
-2015 (about five minutes of CPU on one thread).
+2015 (about four minutes of CPU on one thread).
 """
 
 # %%
@@ -427,16 +427,32 @@ for line in lines:
     log(line)
 
 # %%
-# What the numbers say, and why (the full-mode numbers are on the documentation's
-# results page). Both reconciliations are projections of the same base samples;
-# they differ only in the covariance ``W`` that weighs the series. MinT-shrink
-# takes ``W`` from in-sample one-step errors, so it knows that the errors of
-# nonfarm, private and service-providing move together and how large each
-# series' error is. ``plc.reconcile`` conditions the forecast distribution
-# itself: its ``W`` is the spread of the base forecast at each horizon, which
-# here comes from independent per-series models (no cross-series correlation)
-# and grows with the horizon. Bottom-up ignores the aggregates' own forecasts.
-# Only the base forecasts are incoherent.
+# What the numbers say (the full-mode run, 13 origins, is on the documentation's
+# results page):
+#
+# * only the base forecasts are incoherent (single samples miss the identities by
+#   up to a quarter of the aggregate's level); every reconciled sample adds up to
+#   rounding, ``1e-15``;
+# * ``plc.reconcile`` has the best CRPS over all series (0.428% of the level
+#   against 0.441% for MinT-shrink, 0.439% bottom-up and 0.457% for the base
+#   forecasts; paired over origins, 0.013 +- 0.003 better than MinT-shrink) and
+#   the best energy score, and it is best on the sector, group and bottom levels;
+#   MinT-shrink and bottom-up are better for the total alone (0.18% against 0.19%);
+# * the point forecasts hardly move: MASE differs by less than its standard
+#   error between all four methods.
+#
+# Both reconciliations project the same base samples; they differ only in the
+# covariance ``W`` that weighs the series. MinT-shrink takes ``W`` from in-sample
+# one-step errors: it knows that the errors of nonfarm, private and
+# service-providing move together, but not that a 12-month forecast is far less
+# certain than a one-month one, nor that some series are harder to forecast
+# ahead than they were to fit. ``plc.reconcile`` conditions the forecast
+# distribution itself: its ``W`` is the spread of the base forecast at each
+# horizon. Here the base models are independent, so that ``W`` is nearly
+# diagonal (weighted least squares with the forecast variances); a forecaster
+# that models the dependence between series would give it the correlations too.
+# Overlapping test windows make the origins positively correlated, so the
+# standard errors above are optimistic.
 log(f"total {time.time() - T0:.0f} s")
 suffix = "smoke" if SMOKE else "full"
 (OUT / f"coherent_forecasts_results_{suffix}.txt").write_text("\n".join(LOG) + "\n")
