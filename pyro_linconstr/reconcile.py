@@ -19,10 +19,10 @@ OLS reconciliation, a diagonal ``W`` gives WLS. The conditional covariance
 ``W - W A^T (A W A^T)^{-1} A W`` equals ``S (S^T W^{-1} S)^{-1} S^T``, which is
 MinT's reconciled covariance ``S G W G^T S^T`` (``G = (S^T W^{-1} S)^{-1} S^T
 W^{-1}``) when MinT's ``W`` is the forecast's own covariance. When MinT is run
-with another ``W`` (for instance estimated from in-sample residuals while the
-forecast's spread grows with the horizon), its reconciled covariance is
-``P Sigma P^T`` with ``P = S G`` and differs from the conditional; the
-conditional is what :func:`reconcile` returns. Matheron's rule makes the link
+with another matrix ``W'`` (for instance estimated from in-sample residuals,
+while the forecast's spread grows with the horizon), its reconciled covariance
+is ``P W P^T`` with ``P = S G'`` built from ``W'``, and differs from the
+conditional; the conditional is what :func:`reconcile` returns. Matheron's rule makes the link
 exact for samples too: the exact conditional sample ``x = y - W A^T (A W A^T)^{-1}
 A y`` of a draw ``y ~ N(y_hat, W)`` is the MinT projection of that draw.
 
@@ -31,7 +31,9 @@ tensor (a :class:`~pyro_linconstr.ops.SparseOperator`) with ``n_agg + nnz(S_agg)
 non-zeros: a tree or a grouped hierarchy costs ``O(nnz)`` per product, and the
 conditioning factors the ``n_agg x n_agg`` matrix ``A W A^T``; no ``n x n``
 matrix is formed for a diagonal or low-rank ``W`` (a full ``W`` is ``n x n``
-by itself).
+by itself). A :class:`~pyro_linconstr.GroupSum` does not fit: the rows of ``A``
+hold ``-1`` entries, and in a hierarchy of more than two levels a bottom series
+appears in several rows (its industry group, its sector, the total).
 """
 
 from __future__ import annotations
@@ -75,9 +77,9 @@ def reconcile(
       ``W - W A^T (A W A^T)^{-1} A W = S (S^T W^{-1} S)^{-1} S^T``, equal to
       MinT's reconciled covariance ``S G W G^T S^T``
       (``G = (S^T W^{-1} S)^{-1} S^T W^{-1}``) for this same ``W``. MinT run with
-      another ``W`` (say from in-sample residuals, while the forecast's spread
-      grows with the horizon) gives ``P W P^T``, ``P = S G``, which is not the
-      conditional; :attr:`variance` gives the diagonal of the conditional
+      another matrix ``W'`` (say from in-sample residuals, while the forecast's
+      spread grows with the horizon) gives ``P W P^T`` with ``P = S G'`` built from
+      ``W'``, which is not the conditional; :attr:`variance` gives the diagonal of the conditional
       covariance, :meth:`log_prob` the density on the coherent subspace;
     * its samples are coherent: ``|y_agg - S_agg y_bottom| <= c eps
       (|y_agg| + |S_agg| |y_bottom|)`` row by row, ``c = 8 sqrt(n_total)``
@@ -94,11 +96,13 @@ def reconcile(
     ``x = y - W A^T (A W A^T)^{-1} A y``: the exact conditional sample when the
     forecast is Gaussian with covariance ``W``, and the MinT projection of the
     samples (Panagiotelis et al. 2023) in general. Why this method, rather than
-    fitting a Gaussian and sampling it: the map is linear, so it keeps the shape
-    of the forecaster's marginals (skewness, heavy tails, the log-normal
-    spread of a model fitted on log levels) while it moves each sample onto
-    the coherent subspace along the directions in which the forecast is least
-    certain; for Gaussian samples the two coincide. The shrinkage keeps ``W``
+    fitting a Gaussian and sampling it: each sample is moved by a linear
+    correction onto the coherent subspace, along the directions in which the
+    forecast is least certain, so what the forecaster put into its samples
+    (skewness, heavy tails, the log-normal spread of a model fitted on log
+    levels, dependence between series) carries over instead of being replaced
+    by a Gaussian; for Gaussian samples the two coincide. Coherent samples are
+    returned unchanged. The shrinkage keeps ``W``
     positive definite with fewer samples than series. ``W`` is kept low-rank
     plus diagonal (rank ``num_samples``) when ``num_samples < n_total``, full
     otherwise, so the cost is ``O(num_samples * min(num_samples, n_total) * n_total)``
