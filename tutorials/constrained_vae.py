@@ -917,12 +917,12 @@ print(f"figures in {OUT}; total {time.time() - T0:.0f} s wall, {time.process_tim
 #
 # Why conditioning afterwards does so well, measured rather than guessed:
 #
-# 1. *The latent is nearly unused* (KL of a few nats at most, a handful of active
-#    units): the decoder is given ``b``, so both models are close to the same
+# 1. *The latent is nearly unused* (a KL of at most a few nats, few active units): the decoder is given ``b``, so both models are close to the same
 #    conditional family ``p(x | b)``, and the objectives differ by the sum term alone.
 # 2. *The block sums are cheap for the unconstrained decoder*: it predicts them from
-#    its input to about half their spread (``|A loc - b|`` against ``sd(A x)``), and
-#    the sum term is worth about a quarter of its ELBO on ``R^n``.
+#    its input to within one half to two thirds of their spread (``|A loc - b|``
+#    against ``sd(A x)``), and the sum term is worth about a quarter of its ELBO on
+#    ``R^n``.
 # 3. *That term is not wasted capacity; it speeds up learning.* The model trained
 #    through the conditional also fits the *training* images less well (``train
 #    ELBO``), by about its test gap: under-fitting, not over-fitting. Its training
