@@ -918,7 +918,8 @@ print(f"figures in {OUT}; total {time.time() - T0:.0f} s wall, {time.process_tim
 # Why conditioning afterwards does so well, measured rather than guessed:
 #
 # 1. *The latent is nearly unused* (a KL of at most a few nats, few active units):
-#    the decoder is given ``b``, so both models are close to the same conditional family ``p(x | b)``, and the objectives differ by the sum term alone.
+#    the decoder is given ``b``, so both models are close to the same conditional
+#    family ``p(x | b)``, and the objectives differ by the sum term alone.
 # 2. *The block sums are cheap for the unconstrained decoder*: it predicts them from
 #    its input to within one half to two thirds of their spread (``|A loc - b|``
 #    against ``sd(A x)``), and the sum term is worth about a quarter of its ELBO on
