@@ -491,14 +491,14 @@ head = (
 lines = [
     head,
     "test MSE x 1e-4, mean ± std over runs: ours | paper",
-    f"{'method':46s}" + "".join(f" {n:>27s}" for n in names) + f" {'max viol':>9s}",
+    f"{'method':46s}" + "".join(f" {n:>31s}" for n in names) + f" {'max viol':>9s}",
 ]
 for k in methods:
     row = f"{LABELS[k]:46s}"
     for n in names:
         rs = list(by.get((n, k), {}).values())
         ours = cell([r["test_mse"] for r in rs]) if rs else "-"
-        row += f" {ours:>13s} |{PAPER[k][ALL_BENCHMARKS.index(n)]:>12s}"
+        row += f" {ours:>16s} |{PAPER[k][ALL_BENCHMARKS.index(n)]:>13s}"
     viol = max(r["violation"] for n in names for r in by.get((n, k), {}).values())
     lines.append(row + f" {viol:9.1e}")
 
@@ -506,19 +506,19 @@ lines += [
     "",
     "convergence: median step of the kept (best) model / median stopping step, "
     "runs stopped by the plateau rule (not the budget), runs",
-    f"{'method':46s}" + "".join(f" {n:>27s}" for n in names),
+    f"{'method':46s}" + "".join(f" {n:>31s}" for n in names),
 ]
 for k in methods:
     row = f"{LABELS[k]:46s}"
     for n in names:
         rs = list(by.get((n, k), {}).values())
         if not rs:
-            row += f" {'-':>27s}"
+            row += f" {'-':>31s}"
             continue
         best = median([r["best_step"] for r in rs])
         stop = median([r["stop_step"] for r in rs])
         plateau = sum(r["stop"] == "plateau" for r in rs)
-        row += f" {f'{best:,.0f} / {stop:,.0f}, {plateau}/{len(rs)}':>27s}"
+        row += f" {f'{best:,.0f} / {stop:,.0f}, {plateau}/{len(rs)}':>31s}"
     lines.append(row)
 
 if "kkt" in methods:
@@ -526,7 +526,7 @@ if "kkt" in methods:
         "",
         "paired against KKT-hPINN, same split and initialisation: test MSE x 1e-4 of the "
         "method minus KKT-hPINN's, mean ± standard error, wins = runs where the method is lower",
-        f"{'method':46s}" + "".join(f" {n:>27s}" for n in names),
+        f"{'method':46s}" + "".join(f" {n:>31s}" for n in names),
     ]
     for k in methods:
         if k == "kkt":
@@ -536,12 +536,12 @@ if "kkt" in methods:
             ours, ref = by.get((n, k), {}), by.get((n, "kkt"), {})
             common = sorted(set(ours) & set(ref))
             if not common:
-                row += f" {'-':>27s}"
+                row += f" {'-':>31s}"
                 continue
             diff = 1e4 * torch.tensor([ours[i]["test_mse"] - ref[i]["test_mse"] for i in common])
             se = float(diff.std()) / math.sqrt(len(common)) if len(common) > 1 else math.nan
             wins = int((diff < 0).sum())
-            row += f" {f'{float(diff.mean()):+.3g} ± {se:.2g}, {wins}/{len(common)}':>27s}"
+            row += f" {f'{float(diff.mean()):+.3g} ± {se:.2g}, {wins}/{len(common)}':>31s}"
         lines.append(row)
 
 table = "\n".join(lines)
