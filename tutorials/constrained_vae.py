@@ -938,10 +938,10 @@ print(f"figures in {OUT}; total {time.time() - T0:.0f} s wall, {time.process_tim
 # explanation directly: now the unconstrained model must carry the low-resolution
 # image in its latent (about twice the KL of the conditioned model), while the
 # conditioned model gets it from the law for free. If modelling what the law makes
-# free cost the unconstrained model anything, training through the law should win
-# here. It does not: the conditioned model loses by more than with ``b`` as input,
-# fits the training images less well again, and the held-out gain of the sum term
-# turns above 1 after the first half of training. At this budget, the sum term is
-# a useful training signal rather than a burden; what training through the law buys
-# is exactness of every sample (the violation column) and, for the Poisson decoder,
-# a better likelihood.
+# free cost the unconstrained model anything, training through the law would be
+# expected to win here. It does not: the conditioned model loses by more than with
+# ``b`` as input, fits the training images less well again, and the held-out gain of
+# the sum term turns above 1 after the first half of training. At this budget the sum
+# term is a useful training signal rather than a burden; what training through the
+# law buys is the exactness of every sample (the violation column) and, for the
+# Poisson decoder on the digits, a better likelihood.
