@@ -118,14 +118,19 @@ def env_int(
 
 
 def env_subset(
-    name: str, choices: Iterable[str], environ: Mapping[str, str] | None = None
+    name: str,
+    choices: Iterable[str],
+    environ: Mapping[str, str] | None = None,
+    default: Iterable[str] | None = None,
 ) -> list[str]:
     """A comma-separated subset of ``choices``, such as ``PLC_MOF_METHODS=likelihood,raza``.
 
     :param str name: the variable.
     :param choices: the accepted names, in the order in which they are returned.
     :param environ: the environment to read (default :data:`os.environ`).
-    :returns: the chosen names in the order of ``choices``; all of them when the
+    :param default: the names returned when the variable is unset or empty
+        (default: all of ``choices``), e.g. to leave an opt-in method out of a default run.
+    :returns: the chosen names in the order of ``choices``; ``default`` when the
         variable is unset or empty.
     :raises ValueError: for a name that is not one of ``choices``.
 
@@ -133,12 +138,19 @@ def env_subset(
 
         >>> env_subset("PLC_MOF_METHODS", ["cr", "me", "raza"], {"PLC_MOF_METHODS": "raza, cr"})
         ['cr', 'raza']
+        >>> env_subset("PLC_MOF_METHODS", ["cr", "me", "raza"], {}, default=["raza"])
+        ['raza']
     """
     choices = list(choices)
     raw = (os.environ if environ is None else environ).get(name, "")
     picked = {s.strip() for s in raw.split(",") if s.strip()}
     if not picked:
-        return choices
+        if default is None:
+            return choices
+        picked = set(default)
+        unknown = sorted(picked.difference(choices))
+        if unknown:
+            raise ValueError(f"{name}: default name(s) {', '.join(unknown)} are not choices.")
     unknown = sorted(picked.difference(choices))
     if unknown:
         raise ValueError(

@@ -67,6 +67,16 @@ def test_env_subset():
     ]
     with pytest.raises(ValueError, match="PLC_CHEM_METHODS.*kktt"):
         env_subset("PLC_CHEM_METHODS", choices, {"PLC_CHEM_METHODS": "kktt"})
+    # a default subset when unset; the variable still overrides it
+    assert env_subset("PLC_CHEM_METHODS", choices, {}, default=["likelihood", "nn"]) == [
+        "nn",
+        "likelihood",
+    ]
+    assert env_subset("PLC_CHEM_METHODS", choices, {"PLC_CHEM_METHODS": "kkt"}, default=["nn"]) == [
+        "kkt"
+    ]
+    with pytest.raises(ValueError, match="PLC_CHEM_METHODS.*kktt"):
+        env_subset("PLC_CHEM_METHODS", choices, {}, default=["kktt"])
 
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.name)
