@@ -89,9 +89,15 @@ METHODS = env_subset(
         "poisson_likelihood",
     ],
 )
-SEEDS = [0] if SMOKE else [0, 1, 2, 3, 4]
-if os.environ.get("PLC_VAE_SEEDS", "").strip():  # a piece of a long run, e.g. "3,4"
-    SEEDS = [int(s) for s in env_subset("PLC_VAE_SEEDS", [str(i) for i in range(20)])]
+# PLC_VAE_SEEDS=3,4 runs a piece of a long run
+SEEDS = [
+    int(s)
+    for s in env_subset(
+        "PLC_VAE_SEEDS",
+        [str(i) for i in range(20)],
+        default=["0"] if SMOKE else "0 1 2 3 4".split(),
+    )
+]
 PARTICLES = env_int("PLC_VAE_PARTICLES", 16 if SMOKE else 200, minimum=2)  # IWAE K
 EPOCHS_OVERRIDE = env_int("PLC_VAE_EPOCHS", 0, minimum=0)  # 0: the data set's default
 # Does the decoder see the low-resolution image? On (default): a conditional VAE. Off:
@@ -879,7 +885,7 @@ for name in DATASETS:
             xs = output_dist(P, fam, kind, decoder(z, b), b).sample()
         axes[row, 0].imshow((b / P.kk).reshape(s // P.k, s // P.k), cmap="gray_r", vmin=0, vmax=top)
         axes[row, 1].imshow(x0.reshape(s, s), cmap="gray_r", vmin=0, vmax=top)
-        axes[row, 0].set_ylabel(m, fontsize=6)
+        axes[row, 0].set_ylabel(row_kinds(m)[0][0], fontsize=6)  # the scored row
         for j in range(6):
             axes[row, j + 2].imshow(xs[j].reshape(s, s), cmap="gray_r", vmin=0, vmax=top)
             r = (P.A.matvec(xs[j]) - b).abs().max().item()
