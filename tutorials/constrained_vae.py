@@ -54,7 +54,6 @@ does not see the low-resolution image.
 # Setup
 # -----
 import math
-import os
 import time
 from pathlib import Path
 
