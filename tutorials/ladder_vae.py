@@ -631,14 +631,14 @@ say(
 # ``docs/results/ladder_vae_full_me.txt``): the reconstruction loss of the constrained
 # reparametrization with the paper's main estimator, ``"marginal"``, ends far below:
 # LL 1204.76 ± 15.97 against 1460.35 ± 4.68 (reparam) and 1462.57 ± 1.96 (ours),
-# reconstruction 17.02 against 14.87 and 14.49. The cause is measured
+# reconstruction 17.02 against 14.87 and 14.49. The main cause is measured
 # (``docs/results/ladder_vae_scales.txt``, 20 epochs): its decoder scales are inflated
 # (rms 0.86 against 0.20 for reparam and 0.25 for ours; median 0.047 against 0.022)
 # while its residuals ``loc - x`` are the same (rms 0.23-0.24). The estimator passes
 # the gradient of the conditional mean in place of the sample's, so the loss no longer
 # sees that a larger scale makes the sample noisier: the fixed point of ``scale^2 =
 # E(y - x_tilde)^2 = r^2 + v`` with the conditional variance ``v ~ (1 - w) scale^2``
-# (``w`` a pixel's share of its block's variance, about 1/16) is ``scale^2 ~ r^2 / w``,
-# up to four times the residual here. ME is built for losses of the sample that do not
+# (``w`` a pixel's share of its block's variance, about 1/16) is ``scale^2 ~ r^2 / w``:
+# a scale up to four times the residual. ME is built for losses of the sample that do not
 # also fit the distribution's spread (the paper's expected L1 of MOF charges), not for
 # learning a Gaussian decoder's scales through a sample.
