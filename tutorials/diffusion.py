@@ -529,6 +529,7 @@ def metrics(x, seconds):
         coverage=pr["coverage"],
         psnr=float(psnr.mean()),
         psnr_se=float(psnr.std() / math.sqrt(len(psnr))),
+        psnr_all=psnr,
         sec=seconds / len(x),
     )
 
@@ -609,6 +610,23 @@ for sampler_name in SAMPLERS:
             if (sampler_name, var_kind, label) in results:
                 lines.append(row(label, results[(sampler_name, var_kind, label)]))
         lines.append("")
+# Paired PSNR: every method drew its samples for the same 500 laws from the same seed,
+# so per-image differences have a much smaller standard error than the rows above.
+OURS = "ours: conditioned steps + training"
+lines.append("paired PSNR differences, ours minus each row (mean ± standard error over the")
+lines.append("test laws; the same laws and the same seed for every method)")
+for sampler_name in SAMPLERS:
+    for var_kind in ("isotropic", "learned"):
+        ours = results[(sampler_name, var_kind, OURS)]["psnr_all"]
+        parts = []
+        for label, *_ in METHODS[2:-1]:
+            if (sampler_name, var_kind, label) in results:
+                d = ours - results[(sampler_name, var_kind, label)]["psnr_all"]
+                parts.append(
+                    f"vs {label}: {float(d.mean()):+.3f} ± {float(d.std() / math.sqrt(len(d))):.3f}"
+                )
+        lines.append(f"  {sampler_name}, {var_kind}: " + "; ".join(parts))
+lines.append("")
 lines.append("references (not generated)")
 lines.append(header)
 for name, r in ref_results.items():
