@@ -395,28 +395,57 @@ print(f"total {time.time() - t0:.0f} s with {WORKERS} worker(s)")
 # Ensembles
 # ---------
 # The paper's ensemble of two networks trained with the same method (another
-# initialisation and shuffling): the Gaussian of the average of their draws,
-# mean ``(mu_1 + mu_2) / 2`` and variance ``(s_1 + s_2) / 4`` per atom, is
-# conditioned and scored exactly like a single network's (for the two methods
-# without a trained variance head, ``s_k`` is network k's fitted shared
-# variance). ``PLC_MOF_ENSEMBLE=2`` runs them.
+# initialisation and shuffling) averages their *predictive* distributions: mean
+# ``(m_1 + m_2) / 2`` of the two predictions (for a constrained method, the
+# conditional means) and covariance ``(C_1 + C_2) / 4`` of their conditional
+# covariances ``C_k = D_k - D_k 1 1^T D_k / (1^T D_k 1)`` per crystal
+# (``D_k = diag(s_k)``; for the two methods without a trained variance head,
+# ``s_k`` is network k's fitted shared variance). Both are neutral, so the NLL is
+# a density on each crystal's neutral plane, evaluated in an orthonormal basis
+# of the plane. (Averaging the networks' *unconditioned* Gaussians instead mixes
+# one network's residual with the other's variance ratios: the likelihood
+# network's means carry large net charges that its variances correct, and that
+# average was worse than either member.) ``PLC_MOF_ENSEMBLE=2`` runs them.
 
 
-def ensemble_outputs(members):
+@torch.no_grad()
+def evaluate_ensemble(method, batches, members):
+    """MAD, NLL per crystal and max |net charge| of the ensemble of ``members``."""
     outs = [members[k] for k in sorted(members)]
-    k = len(outs)
-    return [
-        (sum(o[i][0] for o in outs) / k, sum(o[i][1] for o in outs) / k**2)
-        for i in range(len(outs[0]))
-    ]
+    K = len(outs)
+    abs_err, n_atoms, nll, n_cryst, viol = 0.0, 0, 0.0, 0, 0.0
+    for i, (bt, y) in enumerate(batches):
+        g, G = bt["group"], int(bt["num_groups"])
+        preds = [predict(method, o[i][0], o[i][1], g, G) for o in outs]
+        pred = sum(preds) / K
+        y = y.double()
+        abs_err += float((pred - y).abs().sum())
+        n_atoms += y.numel()
+        net = torch.zeros(G, dtype=torch.float64).index_add(0, g, pred)
+        viol = max(viol, float(net.abs().max()))
+        for c in range(G):
+            idx = (g == c).nonzero().squeeze(-1)
+            n = idx.numel()
+            cov = torch.zeros(n, n, dtype=torch.float64)
+            for o in outs:
+                d = o[i][1][idx].double()
+                cov += torch.diag(d) - torch.outer(d, d) / d.sum()
+            cov /= K**2
+            basis = torch.linalg.svd(torch.ones(1, n, dtype=torch.float64))[2][1:]  # (n-1, n)
+            r = basis @ (y[idx] - pred[idx])
+            law = dist.MultivariateNormal(
+                torch.zeros(n - 1, dtype=torch.float64), basis @ cov @ basis.T
+            )
+            nll -= float(law.log_prob(r))
+        n_cryst += G
+    return abs_err / n_atoms, nll / n_cryst, viol
 
 
 ensembles = {k: [] for k in METHODS} if ENSEMBLE > 1 else {}
 for split in SPLITS if ENSEMBLE > 1 else []:
     test_batches = make_batches(split_sets(split)[2], 64)
     for method in METHODS:
-        outputs = ensemble_outputs(member_outputs[(method, split)])
-        mad, nll, viol = evaluate(None, method, test_batches, outputs=outputs)
+        mad, nll, viol = evaluate_ensemble(method, test_batches, member_outputs[(method, split)])
         ensembles[method].append((mad, nll, viol))
         print(
             f"split {split} {method:14s} ensemble of {ENSEMBLE} MAD {mad:.5f}  "
