@@ -280,7 +280,7 @@ def _reconcile_samples(samples, n_total, n_agg, rows, cols, vals):
         )
     if not bool(torch.isfinite(samples).all()):
         raise ValueError("reconcile: forecast samples have non-finite entries (nan or inf).")
-    if n_agg == 0:
+    if n_agg == 0 or samples[0].numel() == 0:  # no identity, or an empty batch: nothing to move
         return samples
     base = shrinkage_gaussian(samples)
     dtype, device = samples.dtype, samples.device

@@ -344,6 +344,22 @@ def test_no_aggregates_returns_the_forecast():
     assert plc.reconcile(y, torch.eye(3)) is y
 
 
+def test_empty_batches_keep_their_shape():
+    S = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    y = torch.randn(5, 0, 3)
+    assert plc.reconcile(y, S) is y
+    d = plc.reconcile(dist.Normal(torch.zeros(0, 3), 1.0).to_event(1), S)
+    assert d.mean.shape == (0, 3) and d.sample().shape == (0, 3)
+
+
+def test_reconciled_gaussian_pickles():
+    import pickle
+
+    S = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    d = plc.reconcile(dist.Normal(torch.tensor([10.0, 4.0, 5.0]), 1.0).to_event(1), S)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(d)).mean, d.mean)
+
+
 # ------------------------------------------------------------------ errors
 S3 = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
 G3 = dist.Normal(torch.zeros(3), torch.ones(3)).to_event(1)
