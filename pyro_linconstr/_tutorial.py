@@ -6,7 +6,8 @@ that one environment variable means the same thing in all of them:
 * ``PLC_SMOKE``: :func:`smoke_mode` (quick run or full run);
 * on/off switches such as ``PLC_VERBOSE``: :func:`env_flag`, same values;
 * counts such as ``PLC_WORKERS`` or ``PLC_MOF_EPOCHS``: :func:`env_int`;
-* subsets such as ``PLC_MOF_METHODS=likelihood,raza``: :func:`env_subset`.
+* subsets such as ``PLC_MOF_METHODS=likelihood,raza``: :func:`env_subset`;
+* where a script writes its figures and tables: :func:`output_dir`.
 
 A value that is not understood is an error that names the variable and the
 accepted values, never a silent fallback to a default.
@@ -16,8 +17,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
-__all__ = ["env_flag", "env_int", "env_subset", "smoke_mode"]
+__all__ = ["env_flag", "env_int", "env_subset", "output_dir", "smoke_mode"]
 
 TRUE_VALUES = ("1", "true", "yes", "on")
 FALSE_VALUES = ("0", "false", "no", "off")
@@ -158,3 +160,31 @@ def env_subset(
             f"choose from {', '.join(choices)} (comma-separated)."
         )
     return [c for c in choices if c in picked]
+
+
+def output_dir(script: str | None) -> Path:
+    """The folder ``output/`` beside a tutorial script, created if missing.
+
+    :param script: the script's ``__file__``, or ``None`` where there is none
+        (a notebook, a console, and sphinx-gallery, which runs an example
+        without ``__file__`` from the example's own folder): ``./output``.
+    :returns: the folder, which exists on return.
+
+    Every tutorial writes its figures and result tables there, so that a run
+    from any working directory, and the docs build, put them in
+    ``tutorials/output/``::
+
+        OUT = output_dir(globals().get("__file__"))
+
+    Example::
+
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> output_dir(str(root / "demo.py")) == root / "output"
+        True
+        >>> (root / "output").is_dir()
+        True
+    """
+    out = Path(script).resolve().parent / "output" if script else Path("output")
+    out.mkdir(parents=True, exist_ok=True)
+    return out

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pyro_linconstr._tutorial import env_flag, env_int, env_subset, smoke_mode
+from pyro_linconstr._tutorial import env_flag, env_int, env_subset, output_dir, smoke_mode
 
 TUTORIALS = sorted((Path(__file__).resolve().parents[1] / "tutorials").glob("*.py"))
 
@@ -88,3 +88,22 @@ def test_tutorials_parse_the_environment_only_through_the_module(path):
     # os.environ / os.getenv may only be used for free-form strings (PLC_TAG)
     for match in re.finditer(r"os\.(?:environ(?:\.get)?|getenv)\W+[\"'](\w+)", source):
         assert match.group(1) == "PLC_TAG", f"{path.name} parses {match.group(1)} ad hoc"
+
+
+def test_output_dir_sits_beside_the_script_or_in_the_working_directory(tmp_path, monkeypatch):
+    script = tmp_path / "tutorials" / "demo.py"
+    script.parent.mkdir()
+    out = output_dir(str(script))
+    assert out == script.parent / "output" and out.is_dir()
+    assert output_dir(str(script)) == out  # a second call finds it
+    monkeypatch.chdir(tmp_path)
+    interactive = output_dir(None)  # no __file__: a notebook or a console
+    assert interactive == Path("output") and (tmp_path / "output").is_dir()
+
+
+@pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.name)
+def test_tutorials_write_to_one_output_folder(path):
+    """Every tutorial writes into tutorials/output/ through the one helper."""
+    source = path.read_text()
+    assert 'OUT = output_dir(globals().get("__file__"))' in source
+    assert "__file__" not in source.replace('globals().get("__file__")', "")

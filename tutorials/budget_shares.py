@@ -26,7 +26,6 @@ epochs (seconds); the full mode ten random 80/20 splits.
 # Setup
 # -----
 import time
-from pathlib import Path
 
 import matplotlib
 
@@ -41,7 +40,7 @@ from pyro.optim import Adam
 from torch import nn
 
 import pyro_linconstr as plc
-from pyro_linconstr._tutorial import smoke_mode
+from pyro_linconstr._tutorial import output_dir, smoke_mode
 
 SMOKE = smoke_mode()  # PLC_SMOKE=1 (or true/yes/on): a quick run
 SPLITS = 2 if SMOKE else 10
@@ -51,11 +50,7 @@ SUM_TOL = 1e-5  # a prediction or sample "violates" the identity when |1^T y - 1
 
 torch.set_num_threads(1)
 DT = torch.float64  # explicit dtype: tutorials share one process under sphinx-gallery
-try:
-    OUT = Path(__file__).resolve().parent / "output"
-except NameError:  # run interactively
-    OUT = Path("output")
-OUT.mkdir(parents=True, exist_ok=True)
+OUT = output_dir(globals().get("__file__"))  # tutorials/output/
 T0 = time.time()
 
 # %%

@@ -56,7 +56,6 @@ import json
 import math
 import os
 import time
-from pathlib import Path
 
 import matplotlib
 
@@ -68,7 +67,7 @@ import torch
 from torch import nn
 
 import pyro_linconstr as plc
-from pyro_linconstr._tutorial import env_flag, env_int, env_subset, smoke_mode
+from pyro_linconstr._tutorial import env_flag, env_int, env_subset, output_dir, smoke_mode
 from pyro_linconstr.datasets import load_chemprocess, split_rows
 
 SMOKE = smoke_mode()  # PLC_SMOKE=1 (or true/yes/on): a quick run
@@ -82,8 +81,7 @@ LR_DROPS = env_int("PLC_CHEM_LR_DROPS", 2)
 BATCH, LR, HIDDEN, PENALTY = 64, 1e-3, 64, 1.0
 MIN_DELTA = 0.01  # an evaluation improves on the best by at least 1 %
 INIT_LOG_VARIANCE = -9.2  # about log 1e-4; see the models below
-OUT = Path(__file__).resolve().parent / "output" if "__file__" in globals() else Path("output")
-OUT.mkdir(parents=True, exist_ok=True)
+OUT = output_dir(globals().get("__file__"))  # tutorials/output/
 MODE = ("smoke" if SMOKE else "full") + os.environ.get("PLC_TAG", "")
 CONFIG = {  # what makes runs comparable: pieces are merged only if these agree
     "steps": STEPS,

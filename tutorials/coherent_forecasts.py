@@ -37,7 +37,6 @@ the full mode 13 rolling origins, one per quarter from January 2012 to January
 # -----
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import pyro
@@ -49,7 +48,7 @@ from pyro.ops.stats import crps_empirical
 from vega_datasets import data
 
 import pyro_linconstr as plc
-from pyro_linconstr._tutorial import smoke_mode
+from pyro_linconstr._tutorial import output_dir, smoke_mode
 
 SMOKE = smoke_mode()  # PLC_SMOKE=1 (or true/yes/on): a quick run
 # months of training data per fit: smoke one origin; full every quarter from January 2012
@@ -64,11 +63,7 @@ RESTARTS = 1 if SMOKE else 2
 
 torch.set_num_threads(1)
 DT = torch.float64  # everything, the Forecaster included (its Kalman filter is unstable in float32)
-try:
-    OUT = Path(__file__).resolve().parent / "output"
-except NameError:  # run interactively
-    OUT = Path("output")
-OUT.mkdir(parents=True, exist_ok=True)
+OUT = output_dir(globals().get("__file__"))  # tutorials/output/
 T0 = time.time()
 LOG = []
 

@@ -55,7 +55,6 @@ does not see the low-resolution image.
 # -----
 import math
 import time
-from pathlib import Path
 
 import matplotlib
 
@@ -69,7 +68,7 @@ from pyro.optim import Adam
 from torch import nn
 
 import pyro_linconstr as plc
-from pyro_linconstr._tutorial import env_flag, env_int, env_subset, smoke_mode
+from pyro_linconstr._tutorial import env_flag, env_int, env_subset, output_dir, smoke_mode
 
 SMOKE = smoke_mode()  # PLC_SMOKE=1 (or true/yes/on): a quick run
 DATASETS = env_subset("PLC_VAE_DATA", ["digits", "mnist"])
@@ -125,11 +124,7 @@ if EPOCHS_OVERRIDE:
         cfg["epochs"] = EPOCHS_OVERRIDE
 
 torch.set_num_threads(1)
-try:
-    OUT = Path(__file__).resolve().parent / "output"
-except NameError:  # run interactively
-    OUT = Path("output")
-OUT.mkdir(parents=True, exist_ok=True)
+OUT = output_dir(globals().get("__file__"))  # tutorials/output/
 T0 = time.time()
 print(
     f"smoke mode: {SMOKE}; data {DATASETS}; seeds {SEEDS}; {PARTICLES} importance samples; "

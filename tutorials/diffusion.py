@@ -76,7 +76,6 @@ import contextlib
 import io
 import math
 import time
-from pathlib import Path
 
 import matplotlib
 
@@ -91,7 +90,7 @@ from scipy import linalg
 from torch import nn
 
 import pyro_linconstr as plc
-from pyro_linconstr._tutorial import env_flag, env_int, smoke_mode
+from pyro_linconstr._tutorial import env_flag, env_int, output_dir, smoke_mode
 from pyro_linconstr.infer.diffusion import (
     constrained_reverse_step,
     reverse_step_kl,
@@ -120,11 +119,7 @@ SEED = 0
 
 torch.set_num_threads(1)
 torch.manual_seed(SEED)
-try:
-    OUT = Path(__file__).resolve().parent / "output"
-except NameError:  # run interactively
-    OUT = Path("output")
-OUT.mkdir(parents=True, exist_ok=True)
+OUT = output_dir(globals().get("__file__"))  # tutorials/output/
 MODE = "smoke" if SMOKE else "full"
 T0 = time.time()
 SETTINGS = (

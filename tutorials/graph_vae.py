@@ -50,7 +50,6 @@ evaluation). ``PLC_GVAE_SPLITS``, ``PLC_GVAE_FIRST_SPLIT``, ``PLC_GVAE_EPOCHS``,
 import math
 import os
 import time
-from pathlib import Path
 
 import matplotlib
 
@@ -62,7 +61,7 @@ import torch
 from torch import nn
 
 import pyro_linconstr as plc
-from pyro_linconstr._tutorial import env_int, env_subset, smoke_mode
+from pyro_linconstr._tutorial import env_int, env_subset, output_dir, smoke_mode
 from pyro_linconstr.datasets import load_mof_charges, split_crystals
 
 SMOKE = smoke_mode()  # PLC_SMOKE=1 (or true/yes/on): a quick run
@@ -78,8 +77,7 @@ LR, BATCH_CRYSTALS, EVAL_CRYSTALS = 0.005, 32, 16
 INIT_LOG_VARIANCE = -5.0  # decoder variance starts near 7e-3 e^2 (sd 0.08 e)
 CHARGE_SCALE = 0.5  # encoder input: charges / 0.5 e
 VIOLATION_TOL = 1e-4  # a sampled crystal violates the law when |net charge| > 1e-4 e
-OUT = Path(__file__).resolve().parent / "output" if "__file__" in globals() else Path("output")
-OUT.mkdir(parents=True, exist_ok=True)
+OUT = output_dir(globals().get("__file__"))  # tutorials/output/
 # process-wide settings, restored at the end (sphinx-gallery runs every tutorial in one process)
 _saved = (torch.get_num_threads(), torch.distributions.Distribution._validate_args)
 torch.set_num_threads(env_int("PLC_THREADS", 1, minimum=1))

@@ -51,7 +51,6 @@ marginal-expectation estimator).
 import math
 import os
 import time
-from pathlib import Path
 
 import matplotlib
 
@@ -67,7 +66,7 @@ from pyro.optim import Adam
 from torch import nn
 
 import pyro_linconstr as plc
-from pyro_linconstr._tutorial import env_int, env_subset, smoke_mode
+from pyro_linconstr._tutorial import env_int, env_subset, output_dir, smoke_mode
 from pyro_linconstr.infer.estimators import estimated_sample
 
 SMOKE = smoke_mode()  # PLC_SMOKE=1 (or true/yes/on): a quick run
@@ -89,11 +88,7 @@ N_PIX, M = RES * RES, (RES // K) ** 2
 SEEDS = list(range(NUM_SEEDS))
 
 torch.set_num_threads(1)
-try:
-    OUT = Path(__file__).resolve().parent / "output"
-except NameError:  # run interactively
-    OUT = Path("output")
-OUT.mkdir(parents=True, exist_ok=True)
+OUT = output_dir(globals().get("__file__"))  # tutorials/output/
 T0 = time.time()
 CPU0 = time.process_time()
 LOG = []

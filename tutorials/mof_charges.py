@@ -50,7 +50,6 @@ initialisation and shuffling) and adds the paper's ensembles of two.
 import multiprocessing
 import os
 import time
-from pathlib import Path
 
 import matplotlib
 
@@ -62,7 +61,7 @@ import torch
 from torch import nn
 
 import pyro_linconstr as plc
-from pyro_linconstr._tutorial import env_flag, env_int, env_subset, smoke_mode
+from pyro_linconstr._tutorial import env_flag, env_int, env_subset, output_dir, smoke_mode
 from pyro_linconstr.datasets import load_mof_charges, split_crystals
 
 SMOKE = smoke_mode()  # PLC_SMOKE=1 (or true/yes/on): a quick run
@@ -77,8 +76,7 @@ VERBOSE = env_flag("PLC_VERBOSE")  # print every epoch's validation MAD
 BATCH_CRYSTALS = 32
 CHANNELS, STEPS, LR = 32, 4, 0.005
 INIT_LOG_VARIANCE = -7.0  # about log 1e-3; see the network below
-OUT = Path(__file__).resolve().parent / "output" if "__file__" in globals() else Path("output")
-OUT.mkdir(parents=True, exist_ok=True)
+OUT = output_dir(globals().get("__file__"))  # tutorials/output/
 # process-wide settings, restored at the end (sphinx-gallery runs every
 # tutorial in one process)
 _saved = (torch.get_num_threads(), torch.distributions.Distribution._validate_args)

@@ -120,7 +120,6 @@ import json
 import math
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -131,7 +130,7 @@ from skfolio.optimization import EqualWeighted, InverseVolatility, MeanRisk, Obj
 from torch import nn
 
 import pyro_linconstr as plc
-from pyro_linconstr._tutorial import env_flag, env_int, env_subset, smoke_mode
+from pyro_linconstr._tutorial import env_flag, env_int, env_subset, output_dir, smoke_mode
 from pyro_linconstr.infer.estimators import estimated_sample
 
 SMOKE = smoke_mode()  # PLC_SMOKE=1 (or true/yes/on): a quick run
@@ -147,8 +146,7 @@ BATCH_DAYS, PARTICLES, LR = 128, 4, 3e-3
 HIDDEN = 8  # GRU state, attention and channel width
 INIT_SCALE = 0.02  # initial per-asset standard deviation of the weights
 ANNUAL = 252  # trading days per year
-OUT = Path(__file__).resolve().parent / "output" if "__file__" in globals() else Path("output")
-OUT.mkdir(parents=True, exist_ok=True)
+OUT = output_dir(globals().get("__file__"))  # tutorials/output/
 # process-wide settings, restored at the end (sphinx-gallery runs every tutorial in one process)
 _saved = (torch.get_num_threads(), torch.distributions.Distribution._validate_args)
 torch.set_num_threads(env_int("PLC_THREADS", 1, minimum=1))

