@@ -206,3 +206,79 @@ def test_reverse_step_kl_gradients_and_simple_loss_identity():
     assert torch.autograd.gradcheck(
         lambda loc, var: reverse_step_kl(mu_q, 0.2, loc, var, A, z), (loc, var)
     )
+
+
+# ------------------------------------------------------------------ bad input
+def _validation(on: bool):
+    old = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(on)
+    return old
+
+
+@pytest.mark.parametrize(
+    "call, words",
+    [
+        (lambda A, b, z: sample_law_marginal(A, b, 1.5), ["alpha_bar", "[0, 1]"]),
+        (lambda A, b, z: sample_law_marginal(A, b, float("nan")), ["alpha_bar"]),
+        (lambda A, b, z: sample_law_marginal(A, b * float("nan"), 0.5), ["b", "non-finite"]),
+        (lambda A, b, z: sample_law_marginal(A, b[..., :3], 0.5), ["b", "(..., 4)"]),
+        (
+            lambda A, b, z: sample_law_marginal(A, b, 0.5, noise=torch.randn(3, 15)),
+            ["noise", "(..., 16)"],
+        ),
+        (lambda A, b, z: sample_law_posterior(A, b, z, 0.5, 0.3), ["alpha_bar_s", "swapped"]),
+        (lambda A, b, z: sample_law_posterior(A, b, z, 1.0, 1.0), ["alpha_bar_t", "[0, 1)"]),
+        (
+            lambda A, b, z: sample_law_posterior(A, b, z, 0.3, 0.5, variance=0.9),
+            ["variance", "1 - alpha_bar_s"],
+        ),
+        (
+            lambda A, b, z: sample_law_posterior(A, b, z, 0.3, 0.5, variance=-0.1),
+            ["variance"],
+        ),
+        (lambda A, b, z: sample_law_posterior(A, b, z[..., :2], 0.3, 0.5), ["z_t", "(..., 4)"]),
+        (
+            lambda A, b, z: sample_law_posterior(A, b, z * float("inf"), 0.3, 0.5),
+            ["z_t", "non-finite"],
+        ),
+        (
+            lambda A, b, z: constrained_reverse_step(torch.zeros(3, 16), 0.0, A, b),
+            ["variance", "positive", ".mean"],
+        ),
+        (
+            lambda A, b, z: reverse_step_kl(torch.zeros(16), -1.0, torch.zeros(16), 1.0, A, b),
+            ["variance", "positive"],
+        ),
+    ],
+)
+def test_bad_arguments_are_named(call, words):
+    """Silent NaNs before: alpha_bar outside [0, 1], swapped steps, a variance above
+    1 - alpha_bar_s (it was clamped), non-finite b or z_t; a zero variance hit a
+    message about Normal's scale."""
+    A = plc.GroupSum.blocks((4, 4), 2)
+    b = torch.rand(3, 4)
+    z = torch.rand(3, 4)
+    with pytest.raises(ValueError) as err:
+        call(A, b, z)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_value_checks_follow_validation_and_edges_pass():
+    A = plc.GroupSum.blocks((4, 4), 2)
+    b = torch.rand(3, 4)
+    z = sample_law_marginal(A, b, 0.3)
+    # the edges of the documented ranges are accepted
+    assert torch.equal(sample_law_marginal(A, b, 1.0), b)
+    assert torch.isfinite(sample_law_marginal(A, b, 0.0)).all()
+    assert torch.equal(sample_law_posterior(A, b, z, 0.3, 1.0), b)
+    full = sample_law_posterior(A, b, z, 0.3, 0.5, variance=0.5)  # sigma^2 = 1 - abar_s
+    assert torch.isfinite(full).all()
+    # empty batches come back empty
+    assert sample_law_posterior(A, b[:0], z[:0], 0.3, 0.5).shape == (0, 4)
+    assert constrained_reverse_step(torch.zeros(0, 16), 1.0, A, b[:0]).sample().shape == (0, 16)
+    old = _validation(False)
+    try:  # a tuned loop that switched validation off pays no host sync for value checks
+        assert torch.isnan(sample_law_marginal(A, b, 1.5)).all()
+    finally:
+        _validation(old)

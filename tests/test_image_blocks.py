@@ -82,6 +82,9 @@ def test_conditioned_gaussian_honours_the_low_resolution_image():
         ((14,), 2, ["image_shape", "(..., H, W)"]),
         ((14, 14), (0, 2), ["block_shape"]),
         ((14, 14), (2, 2, 2), ["block_shape"]),
+        ((14, 14), 1.5, ["block_shape", "whole numbers"]),  # never truncated to 1
+        ((14.5, 14), 2, ["image_shape", "whole numbers"]),
+        ((14, 14), (2, 2.0), ["block_shape", "whole numbers"]),
     ],
 )
 def test_blocks_bad_shapes_name_the_argument(image_shape, block_shape, words):

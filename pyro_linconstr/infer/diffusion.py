@@ -87,6 +87,39 @@ def _as_tensor(value, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(value, dtype=like.dtype, device=like.device)
 
 
+def _validating() -> bool:
+    """Value checks follow torch's switch (``pyro.enable_validation`` sets it too):
+    on by default, off in a tuned sampling loop; shape checks always run."""
+    return torch.distributions.Distribution._validate_args
+
+
+def _check_last_dim(fn: str, name: str, value: torch.Tensor, size: int, what: str) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(value).__name__}.")
+    if value.dim() < 1 or value.shape[-1] != size:
+        raise ValueError(
+            f"{fn}: {name} must have shape (..., {size}) ({what}), got {tuple(value.shape)}."
+        )
+
+
+def _check_finite(fn: str, name: str, value: torch.Tensor) -> None:
+    if _validating() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{fn}: {name} has non-finite entries (nan or inf).")
+
+
+def _check_alpha_bar(fn: str, name: str, value: torch.Tensor, below_one: bool = False) -> None:
+    """``abar`` is a product of ``1 - beta``: in ``[0, 1]`` (``< 1`` where it divides)."""
+    if not _validating():
+        return
+    bad = ~torch.isfinite(value) | (value < 0) | ((value >= 1) if below_one else (value > 1))
+    if bool(bad.any()):
+        interval = "[0, 1)" if below_one else "[0, 1]"
+        raise ValueError(
+            f"{fn}: {name} must lie in {interval} (a cumulative product of 1 - beta), "
+            f"got {value[bad].flatten()[:4].tolist()}."
+        )
+
+
 def _trailing(value: torch.Tensor) -> torch.Tensor:
     """A per-batch scalar ``(...,)`` as ``(..., 1)`` (broadcasts against ``(..., k)``)."""
     return value.unsqueeze(-1) if value.dim() > 0 else value
@@ -126,6 +159,12 @@ def constrained_reverse_step(
         True
     """
     variance = _as_tensor(variance, loc)
+    if _validating() and not bool((torch.isfinite(variance) & (variance > 0)).all()):
+        raise ValueError(
+            "constrained_reverse_step: variance must be finite and positive; a deterministic "
+            "step (DDIM, eta = 0) is the conditional mean: use .mean of a step with any "
+            "positive variance of the same shape."
+        )
     if variance.dim() < loc.dim():  # a per-step scalar (...,): isotropic
         variance = _trailing(variance)
     scale = variance.sqrt().expand(loc.shape)
@@ -152,9 +191,16 @@ def sample_law_marginal(
     :returns: ``(..., m)``.
     """
     A = as_operator(A)
-    abar = _trailing(_as_tensor(alpha_bar, b))
+    fn = "sample_law_marginal"
+    _check_last_dim(fn, "b", b, A.num_rows, "the rows of A")
+    _check_finite(fn, "b", b)
+    abar = _as_tensor(alpha_bar, b)
+    _check_alpha_bar(fn, "alpha_bar", abar)
+    abar = _trailing(abar)
     if noise is None:
         noise = torch.randn(b.shape[:-1] + (A.num_cols,), dtype=b.dtype, device=b.device)
+    else:
+        _check_last_dim(fn, "noise", noise, A.num_cols, "the columns of A")
     return abar.sqrt() * b + (1 - abar).sqrt() * A.matvec(noise)
 
 
@@ -190,14 +236,38 @@ def sample_law_posterior(
     :returns: ``(..., m)``.
     """
     A = as_operator(A)
-    abar_t = _trailing(_as_tensor(alpha_bar_t, b))
-    abar_s = _trailing(_as_tensor(alpha_bar_s, b))
+    fn = "sample_law_posterior"
+    _check_last_dim(fn, "b", b, A.num_rows, "the rows of A")
+    _check_last_dim(fn, "z_t", z_t, A.num_rows, "the rows of A")
+    _check_finite(fn, "b", b)
+    _check_finite(fn, "z_t", z_t)
+    abar_t = _as_tensor(alpha_bar_t, b)
+    abar_s = _as_tensor(alpha_bar_s, b)
+    _check_alpha_bar(fn, "alpha_bar_t", abar_t, below_one=True)
+    _check_alpha_bar(fn, "alpha_bar_s", abar_s)
+    if _validating() and bool((abar_s < abar_t).any()):
+        raise ValueError(
+            f"{fn}: alpha_bar_s must be >= alpha_bar_t (s < t is the less noisy step); "
+            "were the two swapped?"
+        )
+    abar_t, abar_s = _trailing(abar_t), _trailing(abar_s)
     if variance is None:
         variance = (1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)
     else:
         variance = _trailing(_as_tensor(variance, b))
+        # sigma^2 <= 1 - abar_s, up to rounding; the clamp below only absorbs rounding
+        slack = 16 * torch.finfo(b.dtype).eps
+        if _validating() and not bool(
+            (torch.isfinite(variance) & (variance >= 0) & (variance <= 1 - abar_s + slack)).all()
+        ):
+            raise ValueError(
+                f"{fn}: variance (sigma^2) must lie in [0, 1 - alpha_bar_s]; DDIM uses "
+                "eta^2 times the default (DDPM) variance, 0 <= eta <= 1."
+            )
     if noise is None:
         noise = torch.randn(z_t.shape[:-1] + (A.num_cols,), dtype=b.dtype, device=b.device)
+    else:
+        _check_last_dim(fn, "noise", noise, A.num_cols, "the columns of A")
     keep = (1 - abar_s - variance).clamp_min(0).sqrt() / (1 - abar_t).sqrt()
     mean = abar_s.sqrt() * b + keep * (z_t - abar_t.sqrt() * b)
     return mean + variance.sqrt() * A.matvec(noise)

@@ -361,7 +361,7 @@ class GroupSum(_SumOperator):
             >>> F.avg_pool2d(x[None], (2, 3)).reshape(-1)
             tensor([ 4.,  7., 16., 19.])
         """
-        image_shape = tuple(int(s) for s in image_shape)
+        image_shape = _whole_numbers("image_shape", image_shape)
         if len(image_shape) < 2 or min(image_shape) < 1:
             raise ValueError(
                 f"GroupSum.blocks: image_shape must be (..., H, W) with positive sizes, got "
@@ -369,7 +369,7 @@ class GroupSum(_SumOperator):
             )
         if isinstance(block_shape, numbers.Integral):
             block_shape = (int(block_shape), int(block_shape))
-        block_shape = tuple(int(s) for s in block_shape)
+        block_shape = _whole_numbers("block_shape", block_shape)
         if len(block_shape) != 2 or min(block_shape) < 1:
             raise ValueError(
                 f"GroupSum.blocks: block_shape must be a positive int or a pair (bh, bw), "
@@ -465,3 +465,21 @@ def as_operator(A) -> LinearOperator:
         f"matrix) or a pyro_linconstr operator "
         f"such as plc.GroupSum, got {type(A).__name__}."
     )
+
+
+def _whole_numbers(name: str, sizes) -> tuple[int, ...]:
+    """``sizes`` as a tuple of ints; a float such as 2.5 is an error, never truncated."""
+    try:
+        items = tuple(sizes)
+    except TypeError:
+        items = None
+    if items is None or not all(
+        isinstance(s, numbers.Integral)
+        or (isinstance(s, torch.Tensor) and s.numel() == 1 and not s.is_floating_point())
+        for s in items
+    ):
+        raise ValueError(
+            f"GroupSum.blocks: {name} must be whole numbers (an int or a tuple of ints), "
+            f"got {sizes!r}."
+        )
+    return tuple(int(s) for s in items)
