@@ -272,6 +272,11 @@ def _reconcile_samples(samples, n_total, n_agg, rows, cols, vals):
             f"reconcile: forecast samples must be floating point, got dtype {samples.dtype}; "
             "convert them, e.g. samples.double()."
         )
+    if samples.dtype in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"reconcile: forecast samples in {samples.dtype} are too coarse for the covariance "
+            "and its factorization; convert them, e.g. samples.float()."
+        )
     N = samples.shape[0]
     if N < 2:
         raise ValueError(

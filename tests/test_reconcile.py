@@ -385,6 +385,8 @@ G3 = dist.Normal(torch.zeros(3), torch.ones(3)).to_event(1)
         (torch.zeros(3), S3, ValueError, "num_samples"),
         (torch.zeros(1, 3), S3, ValueError, "at least 2"),
         (torch.zeros(10, 3, dtype=torch.long), S3, ValueError, "floating point"),
+        (torch.zeros(10, 3, dtype=torch.float16), S3, ValueError, "samples.float()"),
+        (torch.zeros(10, 3, dtype=torch.bfloat16), S3, ValueError, "samples.float()"),
         (torch.tensor([[0.0, 1.0, float("inf")]] * 4), S3, ValueError, "non-finite"),
         (
             dist.Normal(
