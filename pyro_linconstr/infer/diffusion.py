@@ -102,22 +102,27 @@ def _check_last_dim(fn: str, name: str, value: torch.Tensor, size: int, what: st
         )
 
 
-def _check_finite(fn: str, name: str, value: torch.Tensor) -> None:
-    if _validating() and not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{fn}: {name} has non-finite entries (nan or inf).")
+def _not_finite(name: str, value: torch.Tensor):
+    return ~torch.isfinite(value).all(), f"{name} has non-finite entries (nan or inf)."
 
 
-def _check_alpha_bar(fn: str, name: str, value: torch.Tensor, below_one: bool = False) -> None:
+def _outside_unit(name: str, value: torch.Tensor, below_one: bool = False):
     """``abar`` is a product of ``1 - beta``: in ``[0, 1]`` (``< 1`` where it divides)."""
-    if not _validating():
+    high = (value >= 1) if below_one else (value > 1)
+    bad = (~torch.isfinite(value) | (value < 0) | high).any()
+    interval = "[0, 1)" if below_one else "[0, 1]"
+    return bad, f"{name} must lie in {interval} (a cumulative product of 1 - beta)."
+
+
+def _raise_first(fn: str, checks) -> None:
+    """Raise the message of the first failing ``(bad, message)`` check, with one host sync
+    for all of them (a sampler calls these functions at every step)."""
+    if not _validating() or not checks:
         return
-    bad = ~torch.isfinite(value) | (value < 0) | ((value >= 1) if below_one else (value > 1))
-    if bool(bad.any()):
-        interval = "[0, 1)" if below_one else "[0, 1]"
-        raise ValueError(
-            f"{fn}: {name} must lie in {interval} (a cumulative product of 1 - beta), "
-            f"got {value[bad].flatten()[:4].tolist()}."
-        )
+    bad = torch.stack([b.reshape(()) for b, _ in checks]).tolist()
+    for failed, (_, message) in zip(bad, checks):
+        if failed:
+            raise ValueError(f"{fn}: {message}")
 
 
 def _trailing(value: torch.Tensor) -> torch.Tensor:
@@ -193,9 +198,9 @@ def sample_law_marginal(
     A = as_operator(A)
     fn = "sample_law_marginal"
     _check_last_dim(fn, "b", b, A.num_rows, "the rows of A")
-    _check_finite(fn, "b", b)
     abar = _as_tensor(alpha_bar, b)
-    _check_alpha_bar(fn, "alpha_bar", abar)
+    if _validating():
+        _raise_first(fn, [_not_finite("b", b), _outside_unit("alpha_bar", abar)])
     abar = _trailing(abar)
     if noise is None:
         noise = torch.randn(b.shape[:-1] + (A.num_cols,), dtype=b.dtype, device=b.device)
@@ -239,31 +244,39 @@ def sample_law_posterior(
     fn = "sample_law_posterior"
     _check_last_dim(fn, "b", b, A.num_rows, "the rows of A")
     _check_last_dim(fn, "z_t", z_t, A.num_rows, "the rows of A")
-    _check_finite(fn, "b", b)
-    _check_finite(fn, "z_t", z_t)
     abar_t = _as_tensor(alpha_bar_t, b)
     abar_s = _as_tensor(alpha_bar_s, b)
-    _check_alpha_bar(fn, "alpha_bar_t", abar_t, below_one=True)
-    _check_alpha_bar(fn, "alpha_bar_s", abar_s)
-    if _validating() and bool((abar_s < abar_t).any()):
-        raise ValueError(
-            f"{fn}: alpha_bar_s must be >= alpha_bar_t (s < t is the less noisy step); "
-            "were the two swapped?"
-        )
+    if variance is not None:
+        variance = _as_tensor(variance, b)
+    if _validating():
+        checks = [
+            _not_finite("b", b),
+            _not_finite("z_t", z_t),
+            _outside_unit("alpha_bar_t", abar_t, below_one=True),
+            _outside_unit("alpha_bar_s", abar_s),
+            (
+                (abar_s < abar_t).any(),
+                "alpha_bar_s must be >= alpha_bar_t (s < t is the less noisy step); "
+                "were the two swapped?",
+            ),
+        ]
+        if variance is not None:
+            # sigma^2 <= 1 - abar_s up to rounding (the clamp below only absorbs rounding)
+            slack = 16 * torch.finfo(b.dtype).eps
+            ok = torch.isfinite(variance) & (variance >= 0) & (variance <= 1 - abar_s + slack)
+            checks.append(
+                (
+                    ~ok.all(),
+                    "variance (sigma^2) must lie in [0, 1 - alpha_bar_s]; DDIM uses "
+                    "eta^2 times the default (DDPM) variance, 0 <= eta <= 1.",
+                )
+            )
+        _raise_first(fn, checks)
     abar_t, abar_s = _trailing(abar_t), _trailing(abar_s)
     if variance is None:
         variance = (1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)
     else:
-        variance = _trailing(_as_tensor(variance, b))
-        # sigma^2 <= 1 - abar_s, up to rounding; the clamp below only absorbs rounding
-        slack = 16 * torch.finfo(b.dtype).eps
-        if _validating() and not bool(
-            (torch.isfinite(variance) & (variance >= 0) & (variance <= 1 - abar_s + slack)).all()
-        ):
-            raise ValueError(
-                f"{fn}: variance (sigma^2) must lie in [0, 1 - alpha_bar_s]; DDIM uses "
-                "eta^2 times the default (DDPM) variance, 0 <= eta <= 1."
-            )
+        variance = _trailing(variance)
     if noise is None:
         noise = torch.randn(z_t.shape[:-1] + (A.num_cols,), dtype=b.dtype, device=b.device)
     else:
