@@ -76,6 +76,14 @@ class ConstrainedGaussian(ConstrainedDistribution):
       ``delta = ||mean - loc||_Sigma`` says how far ``b`` is from ``A loc``
       in standard deviations (the mean itself is rounded to ``dtype``).
 
+    These bounds do not depend on the scale of the rows of ``A``: a dense or
+    sparse ``A`` is equilibrated first (each row, and its entry of ``b``,
+    multiplied by the power of two that brings its largest entry into
+    ``[1, 2)``; the subspace and every quantity above are unchanged, and
+    powers of two scale without rounding). Rows with entries of ``1e19`` in
+    float32 (or ``1e160`` in float64) made ``A Sigma A^T`` overflow, and the
+    mean ignored ``b``.
+
     Construct it with :func:`~pyro_linconstr.constrain`.
 
     :param base: the unconstrained Gaussian.
@@ -119,8 +127,19 @@ class ConstrainedGaussian(ConstrainedDistribution):
         self._b = b.to(parsed.dtype).expand(batch_shape + b.shape[-1:])
         super().__init__(batch_shape, parsed.event_shape, validate_args=False)
         self._validate_args = should_validate(validate_args)
-        # Factorize eagerly so that inconsistent or degenerate constraints fail here.
-        self._cond = Conditioning(cov, A, self._b)
+        # Factorize eagerly so that inconsistent or degenerate constraints fail here. The
+        # conditioning works on equilibrated rows (the same subspace): A Sigma A^T of rows
+        # with large entries would overflow, and give a mean that ignores b
+        A_eq, row_scale = A.equilibrated()
+        b_eq = self._b if row_scale is None else self._b * row_scale
+        if self._validate_args and row_scale is not None:
+            if not bool(torch.isfinite(b_eq).all()):
+                raise ValueError(
+                    f"constrain: b is too large for rows of A this small in {b_eq.dtype}: the "
+                    "solutions of A x = b lie beyond its range. Rescale x (its units), or "
+                    "work in float64."
+                )
+        self._cond = Conditioning(cov, A_eq, b_eq)
 
     # ------------------------------------------------------------------ shapes
     def expand(self, batch_shape, _instance=None):

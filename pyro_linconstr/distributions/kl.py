@@ -384,7 +384,7 @@ def _kl_general(p: ConstrainedGaussian, q: ConstrainedGaussian) -> torch.Tensor:
     cp = p._cond
     w = torch.promote_types(torch.promote_types(p.loc.dtype, q.loc.dtype), cp.wd)
     if cp.wd != w:  # a float32 p against a float64 q: factor p again in float64
-        cp = Conditioning(p.covariance.to(w), p.A.to(w), p.b.to(w))
+        cp = Conditioning(p.covariance.to(w), cp.A_orig.to(w), cp.b_orig.to(w))
     cov_p = _as_known(cp.cov)
     cov_q = _as_known(q.covariance.to(w))
     KT = cov_p.cross_matrix(cp.A.to(w))  # (..., r, n) = (Sigma_p A^T)^T

@@ -94,6 +94,28 @@ class LinearOperator:
     def to(self, dtype: torch.dtype) -> LinearOperator:
         raise NotImplementedError
 
+    def equilibrated(self) -> tuple[LinearOperator, torch.Tensor | None]:
+        """``(D A, d)``: the rows rescaled by powers of two ``d`` (``D = diag(d)``,
+        shape ``batch_shape + (m,)``) so that each row's largest ``|entry|`` lies in
+        ``[1, 2)``; ``d`` is ``None`` when no row needs it (operators of 0/1 entries).
+
+        ``{x : D A x = D b}`` is the same subspace and every quantity of the
+        constrained families is unchanged by it, while ``A Sigma A^T`` of rows
+        with entries of ``1e19`` (float32) no longer overflows; powers of two
+        scale without rounding, so results of well-scaled rows are bit for bit
+        those of ``A``.
+        """
+        return self, None
+
+
+def _power_of_two_scales(row_max: torch.Tensor) -> torch.Tensor:
+    """``d = 2^k`` with ``d * row_max`` in ``[1, 2)`` (zero rows: ``d = 1``), ``k`` kept
+    within the dtype's normal range so that ``d`` is finite."""
+    _, exp = torch.frexp(row_max)  # row_max = mantissa * 2^exp, mantissa in [0.5, 1)
+    k = torch.where(row_max > 0, 1 - exp, torch.zeros_like(exp))
+    limit = math.floor(math.log2(torch.finfo(row_max.dtype).max)) - 1  # 126 in float32
+    return torch.ldexp(torch.ones_like(row_max), k.clamp(-limit, limit))
+
 
 _DERIVED: dict[int, tuple] = {}
 
@@ -110,9 +132,9 @@ def _derived(A: torch.Tensor) -> dict:
     if entry is not None and entry[0]() is A and entry[1] == A._version:
         return entry[2]
 
-    def forget(ref, key=key):
-        if _DERIVED.get(key, (None,))[0] is ref:
-            del _DERIVED[key]
+    def forget(ref, key=key, registry=_DERIVED):  # the registry bound: safe at shutdown
+        if registry.get(key, (None,))[0] is ref:
+            del registry[key]
 
     store: dict = {}
     _DERIVED[key] = (weakref.ref(A, forget), A._version, store)
@@ -189,6 +211,15 @@ class DenseOperator(LinearOperator):
 
     def to_dense(self) -> torch.Tensor:
         return self.matrix
+
+    def equilibrated(self) -> tuple[DenseOperator, torch.Tensor]:
+        # once per unmodified matrix, like the other derived quantities; the scales are
+        # constants (powers of two), gradients reach A through the product
+        store = _derived(self.matrix)
+        if "equilibrated" not in store:
+            d = _power_of_two_scales(self.matrix.detach().abs().amax(-1))
+            store["equilibrated"] = (DenseOperator(self.matrix * d.unsqueeze(-1)), d)
+        return store["equilibrated"]
 
     def to(self, dtype: torch.dtype) -> DenseOperator:
         if dtype == self.matrix.dtype:

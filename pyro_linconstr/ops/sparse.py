@@ -50,7 +50,7 @@ import weakref
 
 import torch
 
-from pyro_linconstr.ops.operators import LinearOperator
+from pyro_linconstr.ops.operators import LinearOperator, _power_of_two_scales
 
 __all__ = ["PAIR_BUDGET", "SparseOperator"]
 
@@ -395,6 +395,22 @@ class SparseOperator(LinearOperator):
         shape = (self.num_rows, self.num_cols)
         coo = torch.sparse_coo_tensor(self._indices, self._values, shape, check_invariants=False)
         return coo.coalesce()
+
+    def equilibrated(self) -> tuple[SparseOperator, torch.Tensor | None]:
+        """See :meth:`LinearOperator.equilibrated`; ``None`` for rows already in ``[1, 2)``
+        (sums), computed once per dtype version."""
+
+        def build():
+            rows = self._indices[0]
+            row_max = torch.zeros(self.num_rows, dtype=self.dtype, device=self.device)
+            row_max = row_max.scatter_reduce(0, rows, self._values.abs(), "amax")
+            d = _power_of_two_scales(row_max)
+            if bool((d == 1).all()):
+                return self, None
+            values = self._values * d[rows]
+            return SparseOperator._from_coo(self._indices, values, self.num_rows, self.num_cols), d
+
+        return self._cached(("equilibrated", self.dtype), build)
 
     def to(self, dtype: torch.dtype) -> SparseOperator:
         """The same operator with values in ``dtype`` (products follow their input's dtype).

@@ -2,7 +2,6 @@
 pickling, masks, wrapped vector families, validation, caching."""
 
 import copy
-import math
 import pickle
 
 import pyro
@@ -295,8 +294,9 @@ def test_quantities_derived_from_a_fixed_dense_A_are_reused_until_it_changes(mon
     d2 = plc.constrain(base, A, torch.ones(3))
     assert calls.count(F64) == n_first  # log det(A A^T) in float64: once for this A
     assert torch.equal(d1._cond.constraint_logdet(), d2._cond.constraint_logdet())
-    A.mul_(2.0)  # in place: a new version, recomputed (log det grows by 2 m log 2)
+    A.add_(0.5)  # in place: a new version, recomputed (not the stale value)
     d3 = plc.constrain(base, A, torch.zeros(3))
     assert calls.count(F64) > n_first
-    shift = float(d3._cond.constraint_logdet() - d1._cond.constraint_logdet())
-    assert abs(shift - 6 * math.log(2.0)) < 1e-4
+    fresh = plc.constrain(base, A.clone(), torch.zeros(3))
+    torch.testing.assert_close(d3._cond.constraint_logdet(), fresh._cond.constraint_logdet())
+    assert abs(float(d3._cond.constraint_logdet() - d1._cond.constraint_logdet())) > 0.1

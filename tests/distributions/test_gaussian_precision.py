@@ -163,3 +163,56 @@ def test_log_prob_documented_bound(dtype, cond, far):
         for k in range(3):
             ref = float(exact_log_prob(x[k], mu, var, A, b))
             assert abs(float(lp[k]) - ref) <= c * eps * kappa * (n + delta2), (k, float(lp[k]), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_the_scale_of_the_rows_of_A_does_not_matter(dtype, sparse):
+    """Rows scaled by 1e19 / 1e-20 (float32) or 1e160 / 1e-160 (float64), far apart: the
+    documented bounds hold against the 60-digit oracle. Before, A Sigma A^T overflowed and
+    the mean ignored b (all zeros), samples broke the law and log_prob was inf."""
+    n, m = 6, 3
+    big = 1e19 if dtype == torch.float32 else 1e160
+    g = torch.Generator().manual_seed(11)
+    A0 = torch.randn(m, n, generator=g, dtype=torch.float64)
+    A0[:, 0] = 0.0  # a zero entry per row: stays zero in the sparse layout
+    scales = torch.tensor([big * 1.37, 3.1 / big, 0.7], dtype=torch.float64)
+    A64 = A0 * scales.unsqueeze(-1)
+    var = torch.logspace(-2, 2, n, dtype=torch.float64)
+    mu = torch.randn(n, generator=g, dtype=torch.float64)
+    b64 = A64 @ (mu + torch.randn(n, generator=g, dtype=torch.float64))
+    A, b, mu_t, var_t = A64.to(dtype), b64.to(dtype), mu.to(dtype), var.to(dtype)
+    A_arg = A.to_sparse() if sparse else A
+    d = plc.constrain(dist.Normal(mu_t, var_t.sqrt()).to_event(1), A_arg, b)
+    # the oracle from the rows the test was given; 200 digits, since A Sigma A^T spans
+    # 1e-80..1e80 (1e-640..1e640 in float64) and the LU of 60 digits calls it singular
+    with mpmath.workdps(1400 if dtype == torch.float64 else 200):
+        mean, exact_var, _, _ = exact_moments(mu_t, var_t, A, b)
+        exact_lp = [exact_log_prob(x_k, mu_t, var_t, A, b) for x_k in _draw(d)]
+    c, eps = 8 * math.sqrt(n), torch.finfo(dtype).eps
+    scale = max(abs(float(v)) for v in mean) + float(var.sqrt().max())
+    for i in range(n):
+        assert abs(float(d.mean[i]) - float(mean[i])) <= c * eps * scale * 10
+        ref = float(exact_var[i])
+        assert abs(float(d.variance[i]) - ref) <= c * (eps * ref + KAPPA64 * EPS64 * float(var[i]))
+    x = _draw(d)
+    resid = (x.double() @ A.double().T - b.double()).abs()
+    tol = c * eps * (x.double().abs() @ A.double().abs().T + b.double().abs())
+    assert (resid <= tol).all()
+    delta2 = sum((float(mean[i]) - float(mu_t[i])) ** 2 / float(var_t[i]) for i in range(n))
+    kappa = 1.0 if dtype == torch.float32 else trusted_condition(torch.float64)
+    lp = d.log_prob(x)
+    for k in range(4):
+        ref = float(exact_lp[k])
+        assert abs(float(lp[k]) - ref) <= c * eps * kappa * (n + delta2), (k, float(lp[k]), ref)
+
+
+def _draw(d):
+    torch.manual_seed(0)
+    return d.sample((4,))
+
+
+def test_b_beyond_the_range_of_tiny_rows_is_a_named_error():
+    A = torch.full((1, 3), 1e-30)
+    with pytest.raises(ValueError, match="b is too large for rows of A"):
+        plc.constrain(dist.Normal(torch.zeros(3), 1.0).to_event(1), A, torch.tensor([1e12]))
