@@ -102,8 +102,8 @@ class LinearOperator:
         ``{x : D A x = D b}`` is the same subspace and every quantity of the
         constrained families is unchanged by it, while ``A Sigma A^T`` of rows
         with entries of ``1e19`` (float32) no longer overflows; powers of two
-        scale without rounding, so results of well-scaled rows are bit for bit
-        those of ``A``.
+        scale without rounding, so the rescaling itself adds no error (a row
+        whose largest entry is already in ``[1, 2)`` is left as it is).
         """
         return self, None
 
