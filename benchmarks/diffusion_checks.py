@@ -17,6 +17,7 @@ Run: ``python benchmarks/diffusion_checks.py [--device cuda] [--size 28]``.
 
 import argparse
 
+import pyro
 import torch
 from _timing import paired_ratio, paired_times
 
@@ -51,23 +52,19 @@ def main() -> None:
     mix = torch.eye(n, device=dev) * 0.9  # stands in for the network's mean
 
     def sample(validate: bool):
-        torch.distributions.Distribution.set_default_validate_args(validate)
-        x = torch.randn(args.batch, n, device=dev)
-        z = sample_law_marginal(A, b, abar[-1])
-        for i in range(args.steps, 0, -1):
-            at, as_ = abar[i], abar[i - 1]
-            z = sample_law_posterior(A, b, z, at, as_)
-            var = (1 - as_) / (1 - at) * (1 - at / as_) + 1e-8
-            x = constrained_reverse_step(x @ mix, var, A, z).sample()
+        with pyro.validation_enabled(validate):
+            x = torch.randn(args.batch, n, device=dev)
+            z = sample_law_marginal(A, b, abar[-1])
+            for i in range(args.steps, 0, -1):
+                at, as_ = abar[i], abar[i - 1]
+                z = sample_law_posterior(A, b, z, at, as_)
+                var = (1 - as_) / (1 - at) * (1 - at / as_) + 1e-8
+                x = constrained_reverse_step(x @ mix, var, A, z).sample()
         return x
 
-    old = torch.distributions.Distribution._validate_args
-    try:
-        base, cand = paired_times(
-            lambda: sample(False), lambda: sample(True), repeats=args.repeats, warmup=1
-        )
-    finally:
-        torch.distributions.Distribution.set_default_validate_args(old)
+    base, cand = paired_times(
+        lambda: sample(False), lambda: sample(True), repeats=args.repeats, warmup=1
+    )
     ratio, q1, q3 = paired_ratio()
     print(
         f"constrained DDPM sampling loop: {args.steps} steps, batch {args.batch}, "

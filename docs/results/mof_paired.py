@@ -112,14 +112,15 @@ def _against_members(mad: dict, nll: dict) -> None:
     for key, runs in mad.items():
         if not key.endswith("_ens"):
             continue
-        single = mad.get(key[: -len("_ens")], {})
+        method = key.removesuffix("_ens")
+        single = mad.get(method, {})
         splits = sorted(set(runs) & set(single))
         if not splits:
             continue
         d = [runs[s] - single[s] for s in splits]
         wins = sum(x < 0 for x in d)
         n_ens = [nll[key][s] for s in splits if s in nll.get(key, {})]
-        n_one = [nll[key[:-4]][s] for s in splits if s in nll.get(key[:-4], {})]
+        n_one = [nll[method][s] for s in splits if s in nll.get(method, {})]
         print(
             f"{key:16s} {len(splits):6d} {_mean_std([runs[s] for s in splits]):>17s}"
             f" {_mean_std([single[s] for s in splits]):>17s} {statistics.fmean(d):+13.5f}"

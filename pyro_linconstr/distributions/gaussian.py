@@ -132,13 +132,12 @@ class ConstrainedGaussian(ConstrainedDistribution):
         # with large entries would overflow, and give a mean that ignores b
         A_eq, row_scale = A.equilibrated()
         b_eq = self._b if row_scale is None else self._b * row_scale
-        if self._validate_args and row_scale is not None:
-            if not bool(torch.isfinite(b_eq).all()):
-                raise ValueError(
-                    f"constrain: b is too large for rows of A this small in {b_eq.dtype}: the "
-                    "solutions of A x = b lie beyond its range. Rescale x (its units), or "
-                    "work in float64."
-                )
+        if self._validate_args and row_scale is not None and not bool(torch.isfinite(b_eq).all()):
+            raise ValueError(
+                f"constrain: b is too large for rows of A this small in {b_eq.dtype}: the "
+                "solutions of A x = b lie beyond its range. Rescale x (its units), or "
+                "work in float64."
+            )
         self._cond = Conditioning(cov, A_eq, b_eq)
 
     # ------------------------------------------------------------------ shapes

@@ -116,9 +116,8 @@ def _outside_unit(name: str, value: torch.Tensor, below_one: bool = False):
 
 def _raise_first(fn: str, checks) -> None:
     """Raise the message of the first failing ``(bad, message)`` check, with one host sync
-    for all of them (a sampler calls these functions at every step)."""
-    if not _validating() or not checks:
-        return
+    for all of them (a sampler calls these functions at every step). Callers build the
+    checks only while :func:`_validating`."""
     bad = torch.stack([b.reshape(()) for b, _ in checks]).tolist()
     for failed, (_, message) in zip(bad, checks):
         if failed:
